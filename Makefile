@@ -1,0 +1,41 @@
+# LingBot-VA Platform — the two commands of a fresh machine are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# DeepSpeed's JIT-compiled ops and other caches stay inside the repo's ignored data dir
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export MUJOCO_GL := osmesa
+export HF_HUB_OFFLINE := 1
+DEB_PACKAGES := libosmesa6 libgl1
+
+.PHONY: install test demo lint bench clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: missing Debian packages ($$missing); install them as root for the simulator"; fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	@mkdir -p $(TORCH_EXTENSIONS_DIR)
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/lingbot demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/model_inference.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,304 @@
+"""Per-episode inference with a KV cache (Algorithm 1) and a forward-dynamics pass (Algorithm 2).
+
+    s = model.session(text_emb, action_mask)
+    s.observe(z0)                                   # first latent frame, no actions yet
+    video, actions = s.predict_chunk()              # video to s_end (partial denoising), actions to s = 1
+    s.observe(z_real, executed_actions)             # append the real outcome of the executed chunk
+    # asynchronous robots (Alg. 2): while chunk a_t executes
+    s.imagine(a_t)                                  # FDM: imagined outcome of a_t, cached provisionally
+    video, next_actions = s.predict_chunk()         # the chunk after a_t, grounded on the latest real frame
+    s.observe(z_real, a_t)                          # provisional entries are replaced by the real ones
+
+The cache holds keys/values of clean history only; a prediction's noisy tokens are never cached. With
+``use_cache=False`` every model evaluation recomputes the whole history instead (the baseline the KV-cache test
+and benchmark compare against); both paths evaluate the same attention rule, so they agree to float precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.lingbot_va import KVCache, LingBotVA, Tokens, s_to_wan_t
+from model.masks import CLEAN, FDM_ACT, FDM_VID, NOISY, TokenMeta
+
+
+@dataclass
+class _Entry:
+    """One committed or provisional history step, kept as tokens for the no-cache recompute."""
+
+    video: Tokens | None
+    action: Tokens | None
+    chunk: int
+
+
+def _cat_tokens(items: list[Tokens | None]) -> Tokens | None:
+    items = [t for t in items if t is not None]
+    if not items:
+        return None
+    if len(items) == 1:
+        return items[0]
+    return Tokens(
+        torch.cat([t.x for t in items], 1), torch.cat([t.t for t in items], 1), torch.cat([t.pos for t in items], 1),
+        TokenMeta.cat([t.meta for t in items]),
+    )
+
+
+def _rows(t: Tokens | None, rows: list[int]) -> Tokens | None:
+    return None if t is None else Tokens(t.x[rows], t.t[rows], t.pos[rows], t.meta[rows])
+
+
+class Session:
+    """KV-cache inference state of one robot episode."""
+
+    def __init__(
+        self,
+        model: LingBotVA,
+        text: torch.Tensor,
+        action_mask: torch.Tensor,
+        *,
+        chunk_size: int | None = None,
+        video_steps: int | None = None,
+        video_s_end: float | None = None,
+        video_cfg: float | None = None,
+        action_steps: int | None = None,
+        action_cfg: float | None = None,
+        window_chunks: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        c = model.config
+        self.model, self.config = model, c
+        self.chunk_size = chunk_size or c.chunk_size
+        self.video_steps = video_steps or c.video_steps
+        self.video_s_end = c.video_s_end if video_s_end is None else video_s_end
+        self.video_cfg = c.video_cfg if video_cfg is None else video_cfg
+        self.action_steps = action_steps or c.action_steps
+        self.action_cfg = c.action_cfg if action_cfg is None else action_cfg
+        self.window = window_chunks if window_chunks is not None else c.attn_window_chunks
+        self.use_cache = use_cache
+        self.generator = generator
+        if self.chunk_size < 1 or self.video_steps < 1 or self.action_steps < 1:
+            raise ValueError("chunk_size, video_steps and action_steps must be >= 1")
+        if not 0.0 < self.video_s_end <= 1.0:
+            raise ValueError(f"video_s_end must be in (0, 1], got {self.video_s_end}")
+        if text.ndim == 3 and text.shape[0] == 1:
+            text = text[0]
+        if text.ndim != 2 or text.shape[1] != c.text_dim or not text.is_floating_point():
+            raise ValueError(f"text must be a float (T, {c.text_dim}) embedding, got {tuple(text.shape)} {text.dtype}")
+        action_mask = torch.as_tensor(action_mask)
+        if action_mask.shape != (c.action_channels,):
+            raise ValueError(f"action_mask must have shape ({c.action_channels},), got {tuple(action_mask.shape)}")
+        self.device = next(model.parameters()).device
+        self.action_mask = action_mask.to(self.device).bool()
+        # row 0: the instruction; row 1: the null (all-zero) instruction for classifier-free guidance
+        self.rows = 2 if (self.video_cfg != 1.0 or self.action_cfg != 1.0) else 1
+        text = text.to(self.device, torch.float32)
+        with torch.no_grad():
+            self.context = model.embed_text(torch.stack([text, torch.zeros_like(text)][: self.rows]))
+        self.cache = KVCache(c.num_layers)
+        self.history: list[_Entry] = []
+        self.next_frame = 0  # latent frames observed
+        self.num_chunks = 0  # chunks observed (chunk 0 = the first frame)
+        self.size: tuple[int, int] | None = None  # latent (H, W), fixed by the first observation
+        self._committed = (0, 0, 0, 0)  # (cache length, history length, next_frame, num_chunks) before provisional
+
+    # ------------------------------------------------------------------------------------------- tokens
+    def _video(self, z_FCHW: torch.Tensor, s: float, chunk: int, kind: int, first_frame: int, rows: int) -> Tokens:
+        m = self.model
+        H, W = self.size
+        x = m.embed_video(z_FCHW[None].to(self.device)).expand(rows, -1, -1)
+        L = x.shape[1]
+        frames = torch.arange(first_frame, first_frame + z_FCHW.shape[0], device=self.device)
+        pos = m.video_positions(frames, H, W)[None].expand(rows, -1, -1)
+        t = s_to_wan_t(torch.full((rows, L), float(s), device=self.device))
+        return Tokens(x, t, pos, TokenMeta.full(rows, L, chunk, kind, device=self.device))
+
+    def _action(self, a_NA: torch.Tensor, s: float, chunk: int, kind: int, first_interval: int, rows: int) -> Tokens:
+        m = self.model
+        H, W = self.size
+        x = m.embed_actions(a_NA[None].to(self.device), self.action_mask[None]).expand(rows, -1, -1)
+        N = x.shape[1]
+        pos = m.action_positions(first_interval, N, H, W, device=self.device)[None].expand(rows, -1, -1)
+        t = s_to_wan_t(torch.full((rows, N), float(s), device=self.device))
+        return Tokens(x, t, pos, TokenMeta.full(rows, N, chunk, kind, device=self.device))
+
+    # ------------------------------------------------------------------------------------------- model calls
+    def _eval(self, video: Tokens | None, action: Tokens | None, rows: int, extra: list[_Entry] = (),
+              extra_kv: KVCache | None = None, return_kv: bool = False):
+        """Run new tokens against the history (+ ``extra`` temporary clean entries)."""
+        m, ctx = self.model, self.context[:rows]
+        if self.use_cache:
+            cache = extra_kv if extra_kv is not None else self._cache_rows(rows)
+            return m.run(video, action, ctx, cache=cache, return_kv=return_kv)
+        hist = self.history + list(extra)
+        hv = _cat_tokens([_rows(e.video, list(range(rows))) for e in hist])
+        ha = _cat_tokens([_rows(e.action, list(range(rows))) for e in hist])
+        lv = 0 if hv is None else hv.length
+        la = 0 if ha is None else ha.length
+        out_v, out_a, _ = m.run(_cat_tokens([hv, video]), _cat_tokens([ha, action]), ctx)
+        return (None if video is None else out_v[:, lv:], None if action is None else out_a[:, la:], [])
+
+    def _cache_rows(self, rows: int) -> KVCache:
+        return self.cache if rows == self.rows else self.cache.rows(list(range(rows)))
+
+    def _extend(self, entry: _Entry, rows: int) -> KVCache | None:
+        """KV cache with a temporary clean entry appended (cache mode), without touching the session cache."""
+        if not self.use_cache:
+            return None
+        _, _, kv = self._eval(entry.video, entry.action, rows, return_kv=True)
+        ext = self._cache_rows(rows).copy()
+        ext.append(kv, TokenMeta.cat([t.meta for t in (entry.video, entry.action) if t is not None]))
+        return ext
+
+    def _guided(self, out: torch.Tensor, scale: float) -> torch.Tensor:
+        return out[:1] if out.shape[0] == 1 else out[1:2] + scale * (out[:1] - out[1:2])
+
+    def _noise(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator, device="cpu").to(self.device)
+
+    def _denoise_video(self, K: int, kind: int, extra: list[_Entry], extra_kv: KVCache | None):
+        """Euler-integrate the video chunk from s = 0 to s_end; returns (x at s_end, clean estimate)."""
+        c, m = self.config, self.model
+        H, W = self.size
+        rows = 2 if self.video_cfg != 1.0 else 1
+        if extra_kv is not None and extra_kv.meta.chunk.shape[0] != rows:
+            extra_kv = extra_kv.rows(list(range(rows)))
+        x = self._noise(K, c.latent_channels, H, W)
+        grid = torch.linspace(0.0, self.video_s_end, self.video_steps + 1).tolist()
+        estimate = x
+        for s0, s1 in zip(grid[:-1], grid[1:], strict=True):
+            tok = self._video(x, s0, 2 * self.num_chunks, kind, self.next_frame, rows)
+            out_v, _, _ = self._eval(tok, None, rows, extra, extra_kv)
+            u = self._guided(m.unpatchify(out_v.float(), K, H, W), self.video_cfg)[0]
+            velocity = -u  # the network predicts eps - x (Wan); d x / d s = x - eps
+            estimate = x + (1.0 - s0) * velocity
+            x = x + (s1 - s0) * velocity
+        return x, estimate
+
+    # ------------------------------------------------------------------------------------------- public API
+    @torch.no_grad()
+    def observe(self, latents: torch.Tensor, actions: torch.Tensor | None = None, *, noise_level: float = 1.0,
+                provisional: bool = False) -> None:
+        """Append real latent frames (F, C, H, W) and the executed actions that led to them (F*tau, A).
+
+        The first call takes the initial observation (usually one frame) and no actions. ``noise_level`` < 1 marks
+        partially denoised (imagined) frames; ``provisional`` entries are dropped by the next ``observe``.
+        """
+        c = self.config
+        if not provisional:
+            self._drop_provisional()
+        latents = self._check_latents(latents)
+        F_ = latents.shape[0]
+        first = self.num_chunks == 0
+        if first and actions is not None:
+            raise ValueError("the first observation has no executed actions; pass actions=None")
+        if not first:
+            if actions is None:
+                raise ValueError("observe() after the first frame needs the executed actions")
+            actions = self._check_actions(actions, F_)
+        chunk = self.num_chunks
+        video = self._video(latents, noise_level, 2 * chunk, CLEAN, self.next_frame, self.rows)
+        action = None if first else self._action(actions, 1.0, 2 * chunk + 1, CLEAN, self.next_frame - 1, self.rows)
+        if self.use_cache:
+            _, _, kv = self._eval(video, action, self.rows, return_kv=True)
+            self.cache.append(kv, TokenMeta.cat([t.meta for t in (video, action) if t is not None]))
+        else:
+            self.history.append(_Entry(video, action, chunk))
+        self.next_frame += F_
+        self.num_chunks += 1
+        if self.window is not None and self.cache.meta is not None:
+            # the next query chunk is num_chunks; it may see chunks > num_chunks - window (same rule as training)
+            self.cache.keep(torch.div(self.cache.meta.chunk[0], 2, rounding_mode="floor") > self.num_chunks - self.window)
+        if not provisional:
+            self._committed = (self.cache.length, len(self.history), self.next_frame, self.num_chunks)
+
+    @torch.no_grad()
+    def predict_chunk(self, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predict the next chunk: video (K, C, H, W) (clean estimate from the partial denoise) and actions (K*tau, A).
+
+        Video is integrated only to s_end (partial denoising); the action chunk is integrated to s = 1 conditioned on
+        that partially denoised video, which enters the context as a clean-type token at noise level s_end.
+        """
+        if self.num_chunks == 0:
+            raise ValueError("observe() the initial frame before predict_chunk()")
+        c = self.config
+        K = chunk_size or self.chunk_size
+        x, estimate = self._denoise_video(K, NOISY, [], None)
+        rows_a = 2 if self.action_cfg != 1.0 else 1
+        temp = _Entry(self._video(x, self.video_s_end, 2 * self.num_chunks, CLEAN, self.next_frame, rows_a), None,
+                      self.num_chunks)
+        ext = self._extend(temp, rows_a)
+        N = K * c.tau
+        a = self._noise(N, c.action_channels)
+        grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
+        for s0, s1 in zip(grid[:-1], grid[1:], strict=True):
+            tok = self._action(a, s0, 2 * self.num_chunks + 1, NOISY, self.next_frame - 1, rows_a)
+            _, out_a, _ = self._eval(None, tok, rows_a, [temp], ext)
+            a = a + (s1 - s0) * -self._guided(out_a.float(), self.action_cfg)[0]
+        return estimate, a * self.action_mask.to(a.dtype)
+
+    @torch.no_grad()
+    def imagine(self, actions: torch.Tensor, *, commit: bool = True) -> torch.Tensor:
+        """Forward dynamics: the video chunk that executing ``actions`` (K*tau, A) from the current state yields.
+
+        With ``commit`` the imagined frames (at noise level s_end) and the actions enter the context provisionally,
+        so the next ``predict_chunk`` plans the chunk after them (Alg. 2); the next ``observe`` replaces them.
+        """
+        if self.num_chunks == 0:
+            raise ValueError("observe() the initial frame before imagine()")
+        c = self.config
+        if actions.ndim != 2 or actions.shape[0] % c.tau:
+            raise ValueError(f"actions must be (K*tau, {c.action_channels}) with tau={c.tau}, got {tuple(actions.shape)}")
+        K = actions.shape[0] // c.tau
+        actions = self._check_actions(actions, K)
+        rows = 2 if self.video_cfg != 1.0 else 1
+        fdm_act = _Entry(None, self._action(actions, 1.0, 2 * self.num_chunks + 1, FDM_ACT, self.next_frame - 1, rows),
+                         self.num_chunks)
+        x, estimate = self._denoise_video(K, FDM_VID, [fdm_act], self._extend(fdm_act, rows))
+        if commit:
+            self.observe(x, actions, noise_level=self.video_s_end, provisional=True)
+        return estimate
+
+    def reset_provisional(self) -> None:
+        """Forget entries added by ``imagine(commit=True)``."""
+        self._drop_provisional()
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _drop_provisional(self) -> None:
+        cache_len, hist_len, next_frame, num_chunks = self._committed
+        if self.cache.length > cache_len:
+            keep = torch.zeros(self.cache.length, dtype=torch.bool)
+            keep[:cache_len] = True
+            self.cache.keep(keep.to(self.device))
+        del self.history[hist_len:]
+        self.next_frame, self.num_chunks = next_frame, num_chunks
+
+    def _check_latents(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise ValueError(f"latents must be a float tensor (F, C, H, W), got {getattr(z, 'dtype', type(z))}")
+        if z.ndim != 4 or z.shape[1] != c.latent_channels:
+            raise ValueError(f"latents must be (F, {c.latent_channels}, H, W), got {tuple(z.shape)}")
+        H, W = z.shape[2:]
+        if H % c.patch_size[1] or W % c.patch_size[2]:
+            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {c.patch_size[1:]}")
+        if self.size is None:
+            self.size = (H, W)
+        elif (H, W) != self.size:
+            raise ValueError(f"latent size {H}x{W} differs from this session's {self.size[0]}x{self.size[1]}")
+        if not torch.isfinite(z).all():
+            raise ValueError("latents contain NaN or inf")
+        return z.float()
+
+    def _check_actions(self, a: torch.Tensor, frames: int) -> torch.Tensor:
+        c = self.config
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            raise ValueError(f"actions must be a float tensor, got {getattr(a, 'dtype', type(a))}")
+        if a.shape != (frames * c.tau, c.action_channels):
+            raise ValueError(f"actions must be ({frames * c.tau}, {c.action_channels}) for {frames} frames, "
+                             f"got {tuple(a.shape)}")
+        if not torch.isfinite(a).all():
+            raise ValueError("actions contain NaN or inf")
+        return a.float()
