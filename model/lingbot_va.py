@@ -234,8 +234,11 @@ class LingBotVA(nn.Module):
         context_mask_BLT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_kv: bool = False,
+        window_chunks: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
         """One pass of the MoT over new tokens (attending to ``cache`` if given).
+
+        ``window_chunks`` overrides config.attn_window_chunks (a session bounding its cache must mask the same way).
 
         Returns the streams' outputs (video (B, Lv, patch_dim), action (B, La, A)) and, if ``return_kv``, the
         per-layer (k, v) of the new tokens for caching.
@@ -253,6 +256,7 @@ class LingBotVA(nn.Module):
             temb_a, proj_a = self.action_time(action.t, dtype)
             xa = action.x.to(dtype)
         lv = 0 if video is None else video.length
+        window = self.config.attn_window_chunks if window_chunks is None else window_chunks
         new_kv = []
         for i, blk in enumerate(self.blocks):
             qkv = []
@@ -269,7 +273,7 @@ class LingBotVA(nn.Module):
             if cache is not None and cache.meta is not None:
                 k = torch.cat([cache.k[i], k], dim=1)
                 v = torch.cat([cache.v[i], v], dim=1)
-            o = _attend(q, k, v, q_meta, k_meta, self.config.attn_window_chunks).flatten(2)
+            o = _attend(q, k, v, q_meta, k_meta, window).flatten(2)
             if xv is not None:
                 xv = blk.video.post_attention(xv, o[:, :lv], mod_v, context_BTd, context_mask_BLT)
             if xa is not None:

@@ -50,7 +50,7 @@ def validate_batch(batch: dict, config) -> None:
         raise ValueError(f"batch['video'] must be (B, F, C, H, W), got shape {tuple(video.shape)}")
     B, Fr, C, H, W = video.shape
     _, ph, pw = config.patch_size
-    if C != config.latent_channels:
+    if config.latent_channels != C:
         raise ValueError(f"batch['video'] has {C} latent channels, the model expects {config.latent_channels}")
     if H % ph or W % pw:
         raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {ph}x{pw}")
@@ -81,7 +81,7 @@ def build_training_sequence(model, batch: dict, generator: torch.Generator | Non
     video, actions = batch["video"], batch["actions"]
     amask = batch["action_mask"].bool()
     text = batch["text"]
-    B, Fr, C, H, W = video.shape
+    B, Fr, _C, H, W = video.shape
     dev = video.device
     num_frames = torch.as_tensor(batch.get("num_frames", [Fr] * B)).tolist()
     rows = torch.as_tensor(batch.get("row", list(range(B)))).tolist()

@@ -16,6 +16,7 @@ and benchmark compare against); both paths evaluate the same attention rule, so 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -131,13 +132,13 @@ class Session:
         m, ctx = self.model, self.context[:rows]
         if self.use_cache:
             cache = extra_kv if extra_kv is not None else self._cache_rows(rows)
-            return m.run(video, action, ctx, cache=cache, return_kv=return_kv)
+            return m.run(video, action, ctx, cache=cache, return_kv=return_kv, window_chunks=self.window)
         hist = self.history + list(extra)
         hv = _cat_tokens([_rows(e.video, list(range(rows))) for e in hist])
         ha = _cat_tokens([_rows(e.action, list(range(rows))) for e in hist])
         lv = 0 if hv is None else hv.length
         la = 0 if ha is None else ha.length
-        out_v, out_a, _ = m.run(_cat_tokens([hv, video]), _cat_tokens([ha, action]), ctx)
+        out_v, out_a, _ = m.run(_cat_tokens([hv, video]), _cat_tokens([ha, action]), ctx, window_chunks=self.window)
         return (None if video is None else out_v[:, lv:], None if action is None else out_a[:, la:], [])
 
     def _cache_rows(self, rows: int) -> KVCache:
@@ -168,7 +169,7 @@ class Session:
         x = self._noise(K, c.latent_channels, H, W)
         grid = torch.linspace(0.0, self.video_s_end, self.video_steps + 1).tolist()
         estimate = x
-        for s0, s1 in zip(grid[:-1], grid[1:], strict=True):
+        for s0, s1 in itertools.pairwise(grid):
             tok = self._video(x, s0, 2 * self.num_chunks, kind, self.next_frame, rows)
             out_v, _, _ = self._eval(tok, None, rows, extra, extra_kv)
             u = self._guided(m.unpatchify(out_v.float(), K, H, W), self.video_cfg)[0]
@@ -186,7 +187,6 @@ class Session:
         The first call takes the initial observation (usually one frame) and no actions. ``noise_level`` < 1 marks
         partially denoised (imagined) frames; ``provisional`` entries are dropped by the next ``observe``.
         """
-        c = self.config
         if not provisional:
             self._drop_provisional()
         latents = self._check_latents(latents)
@@ -233,7 +233,7 @@ class Session:
         N = K * c.tau
         a = self._noise(N, c.action_channels)
         grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
-        for s0, s1 in zip(grid[:-1], grid[1:], strict=True):
+        for s0, s1 in itertools.pairwise(grid):
             tok = self._action(a, s0, 2 * self.num_chunks + 1, NOISY, self.next_frame - 1, rows_a)
             _, out_a, _ = self._eval(None, tok, rows_a, [temp], ext)
             a = a + (s1 - s0) * -self._guided(out_a.float(), self.action_cfg)[0]
@@ -286,7 +286,7 @@ class Session:
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {c.patch_size[1:]}")
         if self.size is None:
             self.size = (H, W)
-        elif (H, W) != self.size:
+        elif self.size != (H, W):
             raise ValueError(f"latent size {H}x{W} differs from this session's {self.size[0]}x{self.size[1]}")
         if not torch.isfinite(z).all():
             raise ValueError("latents contain NaN or inf")
