@@ -15,7 +15,6 @@ Shape legend: B rows, F latent frames, C latent channels, H/W latent height/widt
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -106,15 +105,21 @@ class KVCache:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_meta: TokenMeta, k_meta: TokenMeta,
-            window: int | None) -> torch.Tensor:
-    """Joint self-attention (B, L, H, D) under the chunk-causal rule; block-sparse flex attention on GPU."""
+            window: int | None, backend: str = "auto") -> torch.Tensor:
+    """Joint self-attention (B, L, H, D) under the chunk-causal rule.
+
+    backend "auto": block-sparse flex attention (compiled) on GPU for long sequences, SDPA with a dense boolean mask
+    otherwise; "sdpa" / "flex" force one path (eager flex runs on CPU too, which is how its equivalence is tested).
+    """
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if q.is_cuda and q.shape[2] >= 128:
-        from torch.nn.attention.flex_attention import create_block_mask
+    use_flex = backend == "flex" or (backend == "auto" and q.is_cuda and q.shape[2] >= 128)
+    if use_flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         B, _, Lq, _ = q.shape
         block = create_block_mask(mask_mod(q_meta, k_meta, window), B, None, Lq, k.shape[2], device=q.device)
-        out = _flex_attention()(q, k, v, block_mask=block)
+        fn = _compiled_flex() if q.is_cuda else flex_attention
+        out = fn(q, k, v, block_mask=block)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed(q_meta, k_meta, window)[:, None])
     return out.transpose(1, 2)
@@ -123,7 +128,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_meta: TokenMeta
 _FLEX = None
 
 
-def _flex_attention():
+def _compiled_flex():
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
@@ -398,4 +403,4 @@ def _nearest(n_out: int, n_in: int) -> torch.Tensor:
     return ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out).floor().long()
 
 
-__all__ = ["CLEAN", "FDM_ACT", "FDM_VID", "NOISY", "PAD", "KVCache", "LingBotVA", "Tokens", "math"]
+__all__ = ["CLEAN", "FDM_ACT", "FDM_VID", "NOISY", "PAD", "KVCache", "LingBotVA", "Tokens"]
