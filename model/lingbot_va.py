@@ -179,8 +179,7 @@ class LingBotVA(nn.Module):
         """Parameter counts: {'video_stream', 'action_stream', 'total'}."""
         video = action = 0
         for name, p in self.named_parameters():
-            is_action = name.startswith(("action_", "blocks.")) and (".action." in name or name.startswith("action_"))
-            if is_action:
+            if name.startswith("action_") or ".action." in name:
                 action += p.numel()
             else:
                 video += p.numel()
@@ -373,7 +372,7 @@ class LingBotVA(nn.Module):
         meta = read_checkpoint_meta(directory)
         config = LingBotConfig.from_dict(meta["model"])
         model = cls(config.replace(action_init="random"))  # weights are loaded next; skip the init work
-        object.__setattr__(model, "config", config)
+        model.config = config
         state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

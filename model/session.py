@@ -192,8 +192,8 @@ class Session:
         latents = self._check_latents(latents)
         F_ = latents.shape[0]
         first = self.num_chunks == 0
-        if first and actions is not None:
-            raise ValueError("the first observation has no executed actions; pass actions=None")
+        if first and (actions is not None or F_ != 1):
+            raise ValueError("the first observation is one latent frame with no executed actions (actions=None)")
         if not first:
             if actions is None:
                 raise ValueError("observe() after the first frame needs the executed actions")

@@ -7,11 +7,13 @@ action stream is re-initialised from the loaded video weights when the config as
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from model.config import LingBotConfig
 
@@ -89,17 +91,35 @@ def load_wan_transformer(model, state_dict: dict[str, torch.Tensor]):
     return model
 
 
-def from_wan_pretrained(path: str | os.PathLike, **config_overrides):
-    """Build LingBot-VA from a local diffusers Wan2.2 transformer directory (``transformer/`` of a pipeline)."""
-    from diffusers import WanTransformer3DModel
+def read_wan_directory(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a local diffusers Wan transformer directory, read straight from its safetensors.
 
-    from model.lingbot_va import LingBotVA
-
+    Reading the shards directly avoids instantiating diffusers' model (a second full copy of 5B weights).
+    """
     path = Path(path)
     if (path / "transformer" / "config.json").is_file():
         path = path / "transformer"
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a diffusers Wan transformer directory (no config.json)")
-    wan = WanTransformer3DModel.from_pretrained(path, local_files_only=True)
-    model = LingBotVA(config_from_wan(dict(wan.config), **config_overrides))
-    return load_wan_transformer(model, wan.state_dict())
+    config = json.loads((path / "config.json").read_text())
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shards = ["diffusion_pytorch_model.safetensors"]
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ValueError(f"{path} lacks weight files {missing}")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(str(path / shard)))
+    return config, state
+
+
+def from_wan_pretrained(path: str | os.PathLike, **config_overrides):
+    """Build LingBot-VA from a local diffusers Wan2.2 transformer directory (or a pipeline root with transformer/)."""
+    from model.lingbot_va import LingBotVA
+
+    wan_config, state = read_wan_directory(path)
+    model = LingBotVA(config_from_wan(wan_config, **config_overrides))
+    return load_wan_transformer(model, state)

@@ -320,6 +320,8 @@ def test_bad_session_inputs_raise_value_errors():
         s.predict_chunk()
     with pytest.raises(ValueError, match="latents must be"):
         s.observe(torch.zeros(1, 3, 4, 8))
+    with pytest.raises(ValueError, match="first observation is one latent frame"):
+        s.observe(data["video"][0, :2])
     s.observe(data["video"][0, :1])
     with pytest.raises(ValueError, match="needs the executed actions"):
         s.observe(data["video"][0, 1:5])

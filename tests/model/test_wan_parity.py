@@ -56,3 +56,16 @@ def test_rejects_image_conditioning_and_unknown_weights(pair):
     sd.pop("proj_out.weight")
     with pytest.raises(ValueError, match="lacks"):
         load_wan_transformer(LingBotVA(config_from_wan(WAN_TINY)), sd)
+
+
+def test_from_local_diffusers_directory(pair, tmp_path):
+    from model.wan_adapter import from_wan_pretrained
+
+    wan, _ = pair
+    wan.save_pretrained(tmp_path / "transformer")
+    model = from_wan_pretrained(tmp_path).eval()  # a pipeline root with transformer/ inside
+    x, t, text = torch.randn(1, 8, 1, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        assert (model.forward_wan(x, t, text) - wan(x, t, text, return_dict=False)[0]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="not a diffusers Wan transformer directory"):
+        from_wan_pretrained(tmp_path / "missing")
