@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_model_info)
 
+    from pipelines.data.commands import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
     demo = sub.add_parser("demo", help="train a model briefly on synthetic data and sample an action chunk")
     demo.add_argument("--preset", default="tiny")
     demo.add_argument("--steps", type=int, default=600)

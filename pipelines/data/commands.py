@@ -1,0 +1,125 @@
+"""`lingbot data ...` entry points: parse -> build -> run -> report. Each step is a small module beside this one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from pipelines.settings import DataSettings
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="collect, import, prepare and encode robot data").add_subparsers(
+        dest="data_command", required=True)
+    d = DataSettings()
+
+    p = data.add_parser("collect", help="scripted-expert demonstrations from a simulator suite")
+    p.add_argument("--suite", default=d.suite, choices=["metaworld"])
+    p.add_argument("--tasks", default=d.tasks, help="MT10, MT50 or comma-separated task names")
+    p.add_argument("--episodes", type=int, default=d.episodes, help="successful episodes per task")
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--out", type=Path, default=d.episodes_dir)
+    p.set_defaults(func=collect)
+
+    p = data.add_parser("import", help="import a LeRobot-format dataset from a local path")
+    p.add_argument("--lerobot", type=Path, required=True, help="path of the LeRobot dataset")
+    p.add_argument("--embodiment", required=True, help="embodiment adapter of its actions (e.g. metaworld-sawyer)")
+    p.add_argument("--name", default=None, help="dataset name under the episodes dir (default: source folder name)")
+    p.add_argument("--out", type=Path, default=d.episodes_dir)
+    p.set_defaults(func=import_lerobot)
+
+    p = data.add_parser("prepare", help="validate, split, fit normalisation, publish features")
+    p.add_argument("--episodes-dir", type=Path, default=d.episodes_dir)
+    p.add_argument("--out", type=Path, default=d.prepared_dir)
+    p.add_argument("--feast-dir", type=Path, default=d.feast_dir)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--min-latent-frames", type=int, default=d.min_latent_frames)
+    p.add_argument("--preset", default=d.preset, help="model preset whose text width the text encoder must produce")
+    p.add_argument("--text-encoder", type=Path, default=d.text_encoder_path)
+    p.set_defaults(func=prepare)
+
+    p = data.add_parser("encode", help="VAE latent shards + text embeddings (run under torchrun for N ranks)")
+    p.add_argument("--episodes-dir", type=Path, default=d.episodes_dir)
+    p.add_argument("--prepared-dir", type=Path, default=d.prepared_dir)
+    p.add_argument("--feast-dir", type=Path, default=d.feast_dir)
+    p.add_argument("--out", type=Path, default=d.latents_dir)
+    p.add_argument("--preset", default=d.preset, help="model preset whose latent channels the VAE must produce")
+    p.add_argument("--vae", type=Path, default=d.vae_path)
+    p.add_argument("--shard-episodes", type=int, default=d.shard_episodes)
+    p.set_defaults(func=encode)
+
+
+def collect(args: argparse.Namespace) -> int:
+    from pipelines.data.metaworld_collect import collect as collect_metaworld
+    from pipelines.data.metaworld_collect import resolve_tasks
+
+    tasks = resolve_tasks(args.tasks)
+    start = time.time()
+    results = collect_metaworld(tasks, args.episodes, seed=args.seed, image_size=args.image_size,
+                                workers=args.workers, out_dir=args.out)
+    kept = {t: r[0] for t, r in results.items()}
+    discarded = {t: r[1] for t, r in results.items()}
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    summary = {"tasks": tasks, "kept": kept, "discarded": discarded, "wall_seconds": round(time.time() - start, 1),
+               "bytes_on_disk": size}
+    (args.out / "collect_summary.json").write_text(json.dumps(summary, indent=1))
+    short = [t for t, n in kept.items() if n < args.episodes]
+    print(f"collected {sum(kept.values())} episodes of {len(tasks)} tasks in {summary['wall_seconds']} s "
+          f"({size / 1e6:.1f} MB); discarded {sum(discarded.values())} failed attempts"
+          + (f"; short of {args.episodes}: {short}" if short else ""))
+    return 0
+
+
+def import_lerobot(args: argparse.Namespace) -> int:
+    from pipelines.data.lerobot import import_lerobot as do_import
+
+    name = args.name or args.lerobot.resolve().name
+    summary = do_import(args.lerobot, args.out / name, embodiment=args.embodiment)
+    print(f"imported {summary['imported']} episodes into {args.out / name}; quarantined {summary['quarantined']}"
+          + (f" (report: {summary['report_path']})" if summary["report_path"] else ""))
+    return 0
+
+
+def _text_encoder(path: Path | None, preset: str):
+    from model import get_preset
+    from model.encoders import TextEncoder
+
+    if path is not None:
+        return TextEncoder.from_pretrained(path)
+    width = get_preset(preset).text_dim
+    return TextEncoder.small(width=width, heads=4, seed=0)
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from pipelines.data.features import FeatureRepo
+    from pipelines.data.prepare import prepare as do_prepare
+
+    summary = do_prepare(args.episodes_dir, args.out, text_encoder=_text_encoder(args.text_encoder, args.preset),
+                         feature_repo=FeatureRepo(data_dir=args.feast_dir), val_fraction=args.val_fraction,
+                         seed=args.seed, min_latent_frames=args.min_latent_frames)
+    counts = summary["datasets"].values()
+    print(f"prepared {len(summary['datasets'])} datasets: {sum(c['train'] for c in counts)} train / "
+          f"{sum(c['val'] for c in counts)} val episodes, {summary['quarantined']} quarantined; "
+          f"features published for {summary['embodiments']} and {summary['tasks']} tasks")
+    return 0
+
+
+def encode(args: argparse.Namespace) -> int:
+    from model import get_preset
+    from model.encoders import VideoVAE
+    from pipelines.data.encode import dist_info
+    from pipelines.data.encode import encode as do_encode
+    from pipelines.data.features import FeatureRepo
+
+    vae = VideoVAE.from_pretrained(args.vae) if args.vae else VideoVAE.small(
+        latent_channels=get_preset(args.preset).latent_channels, seed=0)
+    summary = do_encode(args.episodes_dir, args.prepared_dir, args.out, vae=vae,
+                        feature_repo=FeatureRepo(data_dir=args.feast_dir), shard_episodes=args.shard_episodes)
+    if dist_info()[0] == 0:
+        print(f"encoded {summary['episodes']} episodes of {summary['tasks']} tasks -> {summary['index']}")
+    return 0
