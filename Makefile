@@ -10,7 +10,7 @@ export MUJOCO_GL := osmesa
 export HF_HUB_OFFLINE := 1
 DEB_PACKAGES := libosmesa6 libgl1
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo data lint bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ test: install
 
 demo: install
 	$(VENV)/bin/lingbot demo
+
+# collect -> prepare -> encode with DVC (params.yaml); a second run reuses the cache
+data: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro encode
 
 lint: install
 	$(VENV)/bin/ruff check .

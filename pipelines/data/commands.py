@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--out", type=Path, default=d.episodes_dir)
+    p.add_argument("--summary", type=Path, default=d.data_dir / "metrics" / "collect.json",
+                   help="where the run summary (counts, wall time, size) is written; kept out of --out so the "
+                        "dataset bytes depend only on the seed")
     p.set_defaults(func=collect)
 
     p = data.add_parser("import", help="import a LeRobot-format dataset from a local path")
@@ -67,7 +70,8 @@ def collect(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     summary = {"tasks": tasks, "kept": kept, "discarded": discarded, "wall_seconds": round(time.time() - start, 1),
                "bytes_on_disk": size}
-    (args.out / "collect_summary.json").write_text(json.dumps(summary, indent=1))
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(summary, indent=1))
     short = [t for t, n in kept.items() if n < args.episodes]
     print(f"collected {sum(kept.values())} episodes of {len(tasks)} tasks in {summary['wall_seconds']} s "
           f"({size / 1e6:.1f} MB); discarded {sum(discarded.values())} failed attempts"
