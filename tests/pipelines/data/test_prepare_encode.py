@@ -166,3 +166,13 @@ def test_nothing_usable_fails(tmp_path):
     write_datasets(tmp_path / "episodes", n=1)
     with pytest.raises(ValueError, match="no usable episodes"):
         run_prepare(tmp_path, min_latent_frames=50)
+
+
+def test_model_directory_snapshots_the_features_it_trained_with(data, tmp_path):
+    from pipelines.data.features import load_snapshot, snapshot
+
+    feats = read_features("metaworld-sawyer", "task-a", repo=FeatureRepo(data_dir=data / "feast"))
+    path = LingBotVA(TINY).save_pretrained(tmp_path / "m", normalization=snapshot(feats))
+    restored = load_snapshot(LingBotVA.from_pretrained(path).checkpoint_meta["normalization"])
+    assert np.array_equal(restored["norm_stats"]["action_q99"], feats["norm_stats"]["action_q99"])
+    assert np.array_equal(restored["embodiment"]["action_mask"], feats["embodiment"]["action_mask"])
