@@ -56,7 +56,8 @@ def init_action_block_from_video(action: ActionBlock, video: VideoBlock) -> None
     action.down.weight.copy_(resampling_operator(d_a, d_v))
     _copy_linear(action.ffn.fc1, video.ffn.fc1, alpha)
     _copy_linear(action.ffn.fc2, video.ffn.fc2, alpha)
-    action.scale_shift_table.copy_(resample(video.scale_shift_table, tuple(action.scale_shift_table.shape)))
+    table = action.modulation.scale_shift_table
+    table.copy_(resample(video.modulation.scale_shift_table, tuple(table.shape)))
 
 
 @torch.no_grad()

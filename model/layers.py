@@ -153,9 +153,21 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def _modulation(table: torch.Tensor, proj_BL6d: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Add the block's learned table to the per-token projection and split into 6 (B, L, d) tensors (fp32)."""
-    return tuple(m.squeeze(2) for m in (table.unsqueeze(0) + proj_BL6d.float()).chunk(6, dim=2))
+class Modulation(nn.Module):
+    """A block's learned shift/scale/gate table added to the per-token timestep projection.
+
+    A module of its own (not a bare parameter of the block) so that ZeRO-3, which gathers a module's parameters
+    around its ``forward``, sees every use of it.
+    """
+
+    def __init__(self, dim: int, n: int = 6):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.randn(1, n, dim) / dim**0.5)
+
+    def forward(self, proj_BLnd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, L, n, d) projection -> n tensors (B, L, d) in fp32."""
+        table = self.scale_shift_table
+        return tuple(m.squeeze(2) for m in (table.unsqueeze(0) + proj_BLnd.float()).chunk(table.shape[1], dim=2))
 
 
 class VideoBlock(nn.Module):
@@ -169,10 +181,10 @@ class VideoBlock(nn.Module):
         self.attn2 = Attention(dim, heads, eps)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = Modulation(dim)
 
     def pre_attention(self, x_BLd: torch.Tensor, proj_BL6d: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple]:
-        mod = _modulation(self.scale_shift_table, proj_BL6d)
+        mod = self.modulation(proj_BL6d)
         shift, scale = mod[0], mod[1]
         h = (self.norm1(x_BLd.float()) * (1 + scale) + shift).type_as(x_BLd)
         return self.attn1.qkv(h), mod
@@ -210,10 +222,10 @@ class ActionBlock(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = Modulation(dim)
 
     def pre_attention(self, x_BLd: torch.Tensor, proj_BL6d: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple]:
-        mod = _modulation(self.scale_shift_table, proj_BL6d)
+        mod = self.modulation(proj_BL6d)
         h = (self.norm1(x_BLd.float()) * (1 + mod[1]) + mod[0]).type_as(x_BLd)
         q = self.norm_q(self.up(self.to_q(h))).unflatten(-1, (self.heads, -1))
         k = self.norm_k(self.up(self.to_k(h))).unflatten(-1, (self.heads, -1))

@@ -329,6 +329,10 @@ class LingBotVA(nn.Module):
         loss = dyn + c.inv_loss_weight * inv + (c.fdm_loss_weight * fdm if c.fdm_loss_weight > 0 else 0.0)
         return {"loss": loss, "dyn": dyn.detach(), "inv": inv.detach(), "fdm": fdm.detach()}
 
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """``compute_loss``: the training forward, so wrappers that call the module (DeepSpeed, DDP) work."""
+        return self.compute_loss(batch, generator)
+
     # ------------------------------------------------------------------------------------------- inference
     def session(self, text: torch.Tensor, action_mask: torch.Tensor, **kwargs):
         """A per-episode KV-cache inference session (see ``model.session.Session``)."""

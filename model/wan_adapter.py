@@ -27,7 +27,8 @@ _RENAMES: list[tuple[str, str]] = [
     (r"^blocks\.(\d+)\.attn(\d)\.(to_q|to_k|to_v|norm_q|norm_k)\.", r"blocks.\1.video.attn\2.\3."),
     (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.video.ffn.fc1."),
     (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.video.ffn.fc2."),
-    (r"^blocks\.(\d+)\.(norm2\.|scale_shift_table$)", r"blocks.\1.video.\2"),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.video.norm2."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.video.modulation.scale_shift_table"),
     (r"^scale_shift_table$", "video_out.scale_shift_table"),
     (r"^proj_out\.", "video_out.proj."),
 ]
