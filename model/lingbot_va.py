@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -137,6 +138,28 @@ def _compiled_flex():
     return _FLEX
 
 
+def _layer(blk: MoTBlock, xv, xa, proj_v, proj_a, cos, sin, past, q_meta: TokenMeta, k_meta: TokenMeta,
+           window: int | None, ctx, ctx_mask):
+    """One MoT layer: each stream's own projections, one joint attention, each stream's own output and FFN."""
+    qkv = []
+    if xv is not None:
+        qkv_v, mod_v = blk.video.pre_attention(xv, proj_v)
+        qkv.append(qkv_v)
+    if xa is not None:
+        qkv_a, mod_a = blk.action.pre_attention(xa, proj_a)
+        qkv.append(qkv_a)
+    q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in zip(*qkv, strict=True))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1))
+    o = _attend(q, k_all, v_all, q_meta, k_meta, window).flatten(2)
+    lv = 0 if xv is None else xv.shape[1]
+    if xv is not None:
+        xv = blk.video.post_attention(xv, o[:, :lv], mod_v, ctx, ctx_mask)
+    if xa is not None:
+        xa = blk.action.post_attention(xa, o[:, lv:], mod_a)
+    return xv, xa, k, v
+
+
 class LingBotVA(nn.Module):
     """Video stream (Wan2.2 layout) + action stream of the same depth, joined by attention in every layer."""
 
@@ -162,6 +185,7 @@ class LingBotVA(nn.Module):
             for _ in range(c.num_layers)
         )
         self.rope = RotaryEmbedding3D(c.head_dim, c.rope_theta)
+        self.activation_checkpointing = False  # set by the training wrapper (pipelines/train/parallelize.py)
         if c.action_init == "interpolate" and not _on_meta(self):
             self.init_action_stream_from_video()
 
@@ -252,36 +276,24 @@ class LingBotVA(nn.Module):
         q_meta = TokenMeta.cat([p.meta for p in parts])
         k_meta = q_meta if cache is None or cache.meta is None else TokenMeta.cat([cache.meta, q_meta])
         cos, sin = self.rope(torch.cat([p.pos for p in parts], dim=1))
-        xv = xa = None
+        xv = xa = temb_v = proj_v = temb_a = proj_a = None
         if video is not None:
             temb_v, proj_v = self.video_time(video.t, dtype)
             xv = video.x.to(dtype)
         if action is not None:
             temb_a, proj_a = self.action_time(action.t, dtype)
             xa = action.x.to(dtype)
-        lv = 0 if video is None else video.length
         window = self.config.attn_window_chunks if window_chunks is None else window_chunks
         new_kv = []
         for i, blk in enumerate(self.blocks):
-            qkv = []
-            if xv is not None:
-                qkv_v, mod_v = blk.video.pre_attention(xv, proj_v)
-                qkv.append(qkv_v)
-            if xa is not None:
-                qkv_a, mod_a = blk.action.pre_attention(xa, proj_a)
-                qkv.append(qkv_a)
-            q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in zip(*qkv, strict=True))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            past = None if cache is None or cache.meta is None else (cache.k[i], cache.v[i])
+            args = (blk, xv, xa, proj_v, proj_a, cos, sin, past, q_meta, k_meta, window, context_BTd, context_mask_BLT)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                xv, xa, k, v = torch.utils.checkpoint.checkpoint(_layer, *args, use_reentrant=False)
+            else:
+                xv, xa, k, v = _layer(*args)
             if return_kv:
                 new_kv.append((k, v))
-            if cache is not None and cache.meta is not None:
-                k = torch.cat([cache.k[i], k], dim=1)
-                v = torch.cat([cache.v[i], v], dim=1)
-            o = _attend(q, k, v, q_meta, k_meta, window).flatten(2)
-            if xv is not None:
-                xv = blk.video.post_attention(xv, o[:, :lv], mod_v, context_BTd, context_mask_BLT)
-            if xa is not None:
-                xa = blk.action.post_attention(xa, o[:, lv:], mod_a)
         out_v = None if xv is None else self.video_out(xv, temb_v)
         out_a = None if xa is None else self.action_out(xa, temb_a)
         return out_v, out_a, new_kv

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 class LatentEpisodes:
     """Random access to the encoded episodes of one split (shards are memory-mapped, opened lazily)."""
 
-    def __init__(self, latents_dir: str | Path, split: str = "train"):
+    def __init__(self, latents_dir: str | Path, split: str = "train", tasks: list[str] | None = None):
         self.root = Path(latents_dir)
         index_file = self.root / "index.json"
         if not index_file.is_file():
@@ -28,9 +28,11 @@ class LatentEpisodes:
         self.index = json.loads(index_file.read_text())
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
-        self.episodes = [e for e in self.index["episodes"] if split == "all" or e["split"] == split]
+        self.episodes = [e for e in self.index["episodes"] if (split == "all" or e["split"] == split)
+                         and (tasks is None or e["task"] in tasks)]
         if not self.episodes:
-            raise ValueError(f"no {split} episodes in {index_file}")
+            which = f" of tasks {tasks}" if tasks else ""
+            raise ValueError(f"no {split} episodes{which} in {index_file}")
         self.tau = int(self.index["tau"])
         self.text = load_file(str(self.root / "text.safetensors"))
         self._handles: dict[str, object] = {}
@@ -75,10 +77,11 @@ class PackedWindows(torch.utils.data.IterableDataset):
         patch_hw: tuple[int, int] = (2, 2),
         fdm: bool = False,
         seed: int = 0,
+        tasks: list[str] | None = None,
     ):
         if token_budget <= 0 or rows < 1 or chunks_per_window < 1 or not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("token_budget, rows, chunks_per_window and chunk_sizes must be positive")
-        self.data = LatentEpisodes(latents_dir, split)
+        self.data = LatentEpisodes(latents_dir, split, tasks)
         self.chunk_sizes, self.chunks_per_window = tuple(chunk_sizes), chunks_per_window
         self.token_budget, self.rows, self.fdm, self.seed = token_budget, rows, fdm, seed
         hw = {tuple(e["latent_hw"]) for e in self.data.episodes}
@@ -108,6 +111,10 @@ class PackedWindows(torch.utils.data.IterableDataset):
             return None
         frames = 1 + chunks * K
         return i, int(rng.integers(n - frames + 1)), frames
+
+    def batch_tokens(self, batch: dict) -> int:
+        """Tokens the model processes for a batch (for tokens/s)."""
+        return sum(self.window_tokens(int(f)) for f in batch["num_frames"])
 
     def sample(self, rng: np.random.Generator) -> dict:
         K = int(self.chunk_sizes[rng.integers(len(self.chunk_sizes))])

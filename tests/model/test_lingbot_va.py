@@ -344,3 +344,15 @@ def test_flex_attention_path_matches_sdpa():
     sparse = _attend(q, k, v, meta, meta, None, backend="flex")
     rows = allowed(meta, meta)[0].any(-1)  # rows with no allowed key are undefined in both
     assert (dense[0, rows] - sparse[0, rows]).abs().max() <= 1e-5
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = tiny_model()
+    batch = {**tiny_batch(n=1, frames=9), "chunk_size": 2}
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        model.compute_loss(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
