@@ -228,8 +228,9 @@ class LingBotVA(nn.Module):
         x = self.patch_embedding(z_BFCHW.transpose(1, 2).to(self.patch_embedding.weight.dtype))
         return x.flatten(2).transpose(1, 2).contiguous()
 
-    def embed_actions(self, a_BNA: torch.Tensor, mask_BA: torch.Tensor) -> torch.Tensor:
-        m = mask_BA.to(a_BNA.dtype)[:, None, :].expand_as(a_BNA)
+    def embed_actions(self, a_BNA: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Actions (B, N, A) with their channel mask (B, A) or per token (B, N, A) -> (B, N, d_a)."""
+        m = (mask[:, None, :] if mask.ndim == 2 else mask).to(a_BNA.dtype).expand_as(a_BNA)
         return self.action_in(torch.cat([a_BNA * m, m], dim=-1).to(self.action_in.fc1.weight.dtype))
 
     def embed_text(self, text_BTD: torch.Tensor) -> torch.Tensor:

@@ -155,12 +155,12 @@ def build_training_sequence(model, batch: dict, generator: torch.Generator | Non
             a_parts.append((a, torch.ones(a.shape[0], device=dev), 2 * act_chunk + 1, FDM_ACT, apos, None))
 
         r = per_row.setdefault(rows[b], {k: [] for k in ("vx", "vt", "vpos", "vc", "vk", "vs", "vtgt", "dyn", "fdm",
-                                                          "ax", "at", "apos", "ac", "ak", "as", "atgt", "am", "ctx")})
+                                                          "ax", "axm", "at", "apos", "ac", "ak", "as", "atgt", "am", "ctx")})
         seg = len(r["ctx"])
         r["ctx"].append(ctx_all[b])
         for frames, s, chunk, kind, pos, target, wname in v_parts:
             n = frames.shape[0] * rep
-            r["vx"].append(model.embed_video(frames[None])[0])
+            r["vx"].append(frames)  # embedded below in one call for the whole batch
             r["vt"].append(s_to_wan_t(s).repeat_interleave(rep))
             r["vpos"].append(pos)
             r["vc"].append(chunk.repeat_interleave(rep))
@@ -173,7 +173,8 @@ def build_training_sequence(model, batch: dict, generator: torch.Generator | Non
         m = amask[b].float()
         for acts, s, chunk, kind, pos, target in a_parts:
             n = acts.shape[0]
-            r["ax"].append(model.embed_actions(acts[None], amask[b : b + 1])[0])
+            r["ax"].append(acts)
+            r["axm"].append(amask[b].expand(n, -1))
             r["at"].append(s_to_wan_t(s))
             r["apos"].append(pos)
             r["ac"].append(chunk)
@@ -181,6 +182,20 @@ def build_training_sequence(model, batch: dict, generator: torch.Generator | Non
             r["as"].append(torch.full((n,), seg, device=dev))
             r["atgt"].append(torch.zeros(n, c.action_channels, device=dev) if target is None else target)
             r["am"].append(m.expand(n, -1) * float(target is not None))
+
+    # One embedding call per modality for the whole batch: the number of module calls must not depend on the data
+    # (ZeRO-3 gathers a module's parameters collectively on every call, so ranks must make the same calls).
+    order = sorted(per_row)
+    frames = torch.cat([f for k in order for f in per_row[k]["vx"]])
+    emb_v = model.embed_video(frames[None])[0].split([f.shape[0] * tokens_per_frame for k in order
+                                                       for f in per_row[k]["vx"]])
+    acts = torch.cat([a for k in order for a in per_row[k]["ax"]])
+    masks = torch.cat([m for k in order for m in per_row[k]["axm"]])
+    emb_a = model.embed_actions(acts[None], masks[None])[0].split([a.shape[0] for k in order for a in per_row[k]["ax"]])
+    iv, ia = iter(emb_v), iter(emb_a)
+    for k in order:
+        per_row[k]["vx"] = [next(iv) for _ in per_row[k]["vx"]]
+        per_row[k]["ax"] = [next(ia) for _ in per_row[k]["ax"]]
 
     def stack(key: str, pad_value: float, length: int | None = None) -> torch.Tensor:
         seqs = [torch.cat(per_row[k][key]) for k in sorted(per_row)]

@@ -123,7 +123,8 @@ def encode(args: argparse.Namespace) -> int:
     vae = VideoVAE.from_pretrained(args.vae) if args.vae else VideoVAE.small(
         latent_channels=get_preset(args.preset).latent_channels, seed=0)
     summary = do_encode(args.episodes_dir, args.prepared_dir, args.out, vae=vae,
-                        feature_repo=FeatureRepo(data_dir=args.feast_dir), shard_episodes=args.shard_episodes)
+                        feature_repo=FeatureRepo(data_dir=args.feast_dir), shard_episodes=args.shard_episodes,
+                        vae_spec={"path": str(args.vae) if args.vae else None, "seed": 0})
     if dist_info()[0] == 0:
         print(f"encoded {summary['episodes']} episodes of {summary['tasks']} tasks -> {summary['index']}")
     return 0

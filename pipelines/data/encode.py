@@ -74,6 +74,7 @@ def encode(
     feature_repo=None,
     shard_episodes: int = 32,
     progress: bool = True,
+    vae_spec: dict | None = None,
 ) -> dict:
     """Encode every prepared episode (this rank's share) and, on rank 0, merge the index."""
     rank, world = dist_info()
@@ -105,10 +106,10 @@ def encode(
     _barrier(world)
     if rank != 0:
         return {"rank": rank, "episodes": len(entries)}
-    return _merge(latents_dir, refs, world, stats, feature_repo)
+    return _merge(latents_dir, refs, world, stats, feature_repo, {"vae": vae_spec or {}})
 
 
-def _merge(latents_dir: Path, refs: list[EpisodeRef], world: int, stats: dict, feature_repo) -> dict:
+def _merge(latents_dir: Path, refs: list[EpisodeRef], world: int, stats: dict, feature_repo, extra: dict) -> dict:
     parts = []
     for r in range(world):
         part = latents_dir / f"index-r{r:03d}.json"
@@ -128,6 +129,6 @@ def _merge(latents_dir: Path, refs: list[EpisodeRef], world: int, stats: dict, f
         shape = tuple(int(x) for x in feats["instruction_embedding_shape"])
         text[task] = torch.as_tensor(np.asarray(feats["instruction_embedding"], np.float32).reshape(shape))
         instructions[task] = feats["instruction"]
-    write_index(latents_dir, parts, text, stats, instructions, world)
+    write_index(latents_dir, parts, text, stats, instructions, world, extra)
     return {"episodes": len(parts), "tasks": len(text), "index": str(latents_dir / "index.json")}
 

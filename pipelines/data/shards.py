@@ -71,7 +71,7 @@ class ShardWriter:
 
 
 def write_index(latents_dir: Path, entries: list[dict], text: dict[str, torch.Tensor], stats: dict,
-                instructions: dict[str, str], world_size: int = 1) -> Path:
+                instructions: dict[str, str], world_size: int = 1, extra: dict | None = None) -> Path:
     """Write text.safetensors and index.json for encoded shards (the loader's entry point)."""
     _atomic_save({t: v.float().contiguous() for t, v in text.items()}, latents_dir / "text.safetensors")
     first = next(iter(text.values()))
@@ -84,6 +84,7 @@ def write_index(latents_dir: Path, entries: list[dict], text: dict[str, torch.Te
         "normalization": stats,
         "instructions": instructions,
         "world_size": world_size,
+        **(extra or {}),
     }
     _atomic_json(index, latents_dir / "index.json")
     return latents_dir / "index.json"

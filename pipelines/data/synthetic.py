@@ -52,3 +52,27 @@ def synthetic_episodes(
 
     text = torch.randn(B, text_len, text_dim, generator=g)
     return {"video": video, "actions": actions, "action_mask": mask, "text": text}
+
+
+def write_synthetic_lerobot(root, tasks=("task-a", "task-b"), episodes: int = 4, length: int = 21, seed: int = 0,
+                            image_size: int = 32) -> None:
+    """Small LeRobot datasets of random Meta-World-shaped episodes (for smoke runs of prepare/encode/train)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from pipelines.data.episode import Episode
+    from pipelines.data.lerobot import write_lerobot_dataset
+
+    rng = np.random.default_rng(seed)
+    for task in tasks:
+        eps = []
+        for i in range(episodes):
+            n = length + 4 * i
+            state = np.concatenate([rng.uniform(-0.2, 0.2, (n, 3)), rng.uniform(0, 1, (n, 1))], 1).astype(np.float32)
+            frames = {c: rng.integers(0, 255, (n, image_size, image_size, 3), dtype=np.uint8)
+                      for c in ("corner4", "gripperPOV")}
+            eps.append(Episode(frames=frames, actions=rng.uniform(-1, 1, (n, 4)).astype(np.float32), state=state,
+                               success=np.arange(n) > n - 3, task=task, instruction=f"do {task}",
+                               embodiment="metaworld-sawyer", fps=80, seed=seed))
+        write_lerobot_dataset(Path(root) / f"sim-{task}", eps, robot_type="sawyer", fps=80)

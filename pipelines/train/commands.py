@@ -1,0 +1,61 @@
+"""`lingbot train pretrain|posttrain`: parse -> settings -> train -> report (run it under torchrun for N ranks)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_* env vars, then defaults
+    "preset": (str, "model preset"),
+    "task": (str, "post-training task"),
+    "init_from": (Path, "model directory to start from (post-training)"),
+    "data_dir": (Path, "data root (latents, feast, runs, mlflow)"),
+    "latents_dir": (Path, "encoded latents"),
+    "run_dir": (Path, "checkpoints + final model"),
+    "steps": (int, "optimizer steps"),
+    "lr": (float, "peak learning rate"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "grad_accum": (int, "micro-batches per step"),
+    "token_budget": (int, "tokens per packed sequence"),
+    "zero_stage": (int, "DeepSpeed ZeRO stage 0-3"),
+    "precision": (str, "auto | fp32 | bf16"),
+    "checkpoint_every": (int, "checkpoint interval"),
+    "val_every": (int, "validation interval"),
+    "seed": (int, "seed"),
+    "tracking_uri": (str, "MLflow tracking URI"),
+    "max_steps_this_run": (int, "stop after this many steps (resume later)"),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="pre-train or post-train with DeepSpeed, tracked in MLflow")
+    train.add_argument("stage", choices=["pretrain", "posttrain"])
+    for name, (typ, help_) in _FLAGS.items():
+        train.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    train.add_argument("--activation-checkpointing", action="store_true", default=None)
+    train.add_argument("--no-register", dest="register_model", action="store_false", default=None)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
+    train.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pipelines.train.settings import TrainSettings
+    from pipelines.train.trainer import train
+
+    overrides = {k: getattr(args, k) for k in [*_FLAGS, "activation_checkpointing", "register_model"]
+                 if getattr(args, k) is not None}
+    try:
+        settings = TrainSettings(stage=args.stage, **overrides)
+    except ValidationError as err:  # pydantic's message names the field; surface it as a user error
+        raise ValueError(str(err).replace("\n", " ")) from None
+    summary = train(settings, resume=args.resume)
+    import os
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        done = "finished" if summary["finished"] else "stopped"
+        print(f"{settings.run_name} {done} at step {summary['step']}: loss {summary.get('loss', float('nan')):.4f}"
+              + (f", val_loss {summary['val_loss']:.4f}" if "val_loss" in summary else "")
+              + (f"; model {summary['model_dir']}" if "model_dir" in summary else ""))
+    return 0

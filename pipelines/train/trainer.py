@@ -1,0 +1,243 @@
+"""Pre-training and post-training under torchrun + DeepSpeed, tracked in MLflow (rank 0 logs, every rank computes).
+
+    torchrun --standalone --nproc_per_node N -m pipelines.cli train pretrain [--resume]
+
+Resumable: DeepSpeed checkpoints (model, optimizer, scheduler) every N steps carry the step, every rank's data-
+sampling RNG and noise generator, and the MLflow run id, so `--resume` continues the same run at the same position.
+DeepSpeed writes the ``latest`` pointer only after a checkpoint is complete, so a crash mid-save resumes from the
+previous one. The final model is a consolidated ``save_pretrained`` directory with the features it trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import LingBotVA, get_preset
+from pipelines.data.loader import PackedWindows
+from pipelines.train.parallelize import build_engine
+from pipelines.train.settings import TrainSettings
+
+
+def _dist() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _init_distributed() -> tuple[int, int]:
+    import deepspeed
+
+    rank, world = _dist()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world
+
+
+def _all_mean(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _build_model(settings: TrainSettings, index: dict) -> LingBotVA:
+    if settings.init_from is not None:
+        model = LingBotVA.from_pretrained(settings.init_from)
+        model.config = model.config.replace(fdm_loss_weight=settings.fdm_loss_weight)
+    else:
+        torch.manual_seed(settings.seed)
+        model = LingBotVA(get_preset(settings.preset, fdm_loss_weight=settings.fdm_loss_weight))
+    c = model.config
+    if index["latent_channels"] != c.latent_channels or index["text_dim"] != c.text_dim:
+        raise ValueError(f"latents have {index['latent_channels']} channels / text width {index['text_dim']}, the model "
+                         f"expects {c.latent_channels} / {c.text_dim}: encode the data for preset {settings.preset!r}")
+    return model
+
+
+def _validate(engine, loader: PackedWindows | None, settings: TrainSettings) -> dict[str, float] | None:
+    if loader is None:
+        return None
+    rng, gen = np.random.default_rng(12345), torch.Generator().manual_seed(12345)  # the same batches every time
+    engine.eval()
+    totals = np.zeros(4)
+    with torch.no_grad():
+        for _ in range(settings.val_batches):
+            out = engine(loader.sample(rng), gen)
+            totals += [out[k].item() for k in ("loss", "dyn", "inv", "fdm")]
+    engine.train()
+    loss, dyn, inv, fdm = _all_mean(list(totals / settings.val_batches))
+    return {"val_loss": loss, "val_dyn": dyn, "val_inv": inv, "val_fdm": fdm}
+
+
+@torch.no_grad()
+def _predict_val_chunk(model: LingBotVA, loader: PackedWindows | None):
+    """(real latents (1+K, C, h, w), predicted (K, C, h, w), views) of the first validation episode, or None."""
+    if loader is None:
+        return None
+    K = model.config.chunk_size
+    episode = loader.data.episodes[0]
+    if episode["num_frames"] < 1 + K:
+        return None
+    item = loader.data.load(0, 0, 1 + K)
+    session = model.session(item["text"], item["action_mask"], generator=torch.Generator().manual_seed(0))
+    session.observe(item["video"][:1])
+    predicted, _ = session.predict_chunk()
+    return item["video"], predicted, max(1, len(episode.get("cameras", [])))
+
+
+def train(settings: TrainSettings, *, resume: bool = False, progress: bool | None = None) -> dict:
+    """Run (or resume) one training stage; returns a summary (final step, losses, model dir)."""
+    from pipelines.train.tracking import Tracker
+
+    index_file = settings.latents / "index.json"
+    if not index_file.is_file():
+        raise ValueError(f"missing data: {index_file} not found; run `lingbot data encode` (or `make data`) first")
+    index = json.loads(index_file.read_text())
+    rank, world = _init_distributed()
+    tasks = [settings.task] if settings.stage == "posttrain" else None
+    fdm = settings.fdm_loss_weight > 0
+    loader = PackedWindows(settings.latents, "train", token_budget=settings.token_budget, rows=settings.rows, fdm=fdm,
+                           seed=settings.seed, tasks=tasks)
+    try:
+        val_loader = PackedWindows(settings.latents, "val", token_budget=settings.token_budget, rows=settings.rows,
+                                   fdm=fdm, seed=settings.seed, tasks=tasks)
+    except ValueError:
+        val_loader = None
+    model = _build_model(settings, index)
+    engine, ds_config = build_engine(model, settings, world)
+    rng = np.random.default_rng([settings.seed, rank])
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
+    ckpt_dir = settings.output / "checkpoints"
+    step, run_id = 0, None
+    if resume:
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+        step, run_id = client["step"], client.get("mlflow_run_id")
+        rng.bit_generator.state = client["data_rng"][rank]
+        gen.set_state(client["noise_rng"][rank])
+        torch.set_rng_state(client["torch_rng"][rank])
+
+    tracker = Tracker(settings, index, ds_config, run_id=run_id) if rank == 0 else None
+    stop_at = settings.steps if settings.max_steps_this_run is None else min(settings.steps, step + settings.max_steps_this_run)
+    show = progress if progress is not None else None
+    bar = tqdm(total=settings.steps, initial=step, desc=settings.run_name, disable=(rank != 0) or (show is False) or None)
+    last = {}
+    engine.train()
+    while step < stop_at:
+        t0, tokens, samples, acc = time.perf_counter(), 0, 0, np.zeros(4)
+        for _ in range(settings.grad_accum):
+            batch = loader.sample(rng)
+            out = engine(batch, gen)
+            engine.backward(out["loss"])
+            engine.step()
+            acc += [out[k].item() for k in ("loss", "dyn", "inv", "fdm")]
+            tokens += loader.batch_tokens(batch)
+            samples += len(batch["num_frames"])
+        step += 1
+        dt = time.perf_counter() - t0
+        loss, dyn, inv, fdm_l = _all_mean(list(acc / settings.grad_accum))
+        grad_norm = engine.get_global_grad_norm()
+        last = {"loss": loss, "L_dyn": dyn, "L_inv": inv, "L_fdm": fdm_l, "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens * world / dt, "samples_per_s": samples * world / dt}
+        if tracker and step % settings.log_every == 0:
+            tracker.log_metrics(last, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['lr']:.1e}")
+        if step % settings.val_every == 0 or step == settings.steps:
+            val = _validate(engine, val_loader, settings)
+            if val:
+                last.update(val)
+                if tracker:
+                    tracker.log_metrics(val, step)
+            strip = _predict_val_chunk(engine.module, val_loader)  # every rank: ZeRO-3 forwards are collective
+            if tracker and strip is not None:
+                tracker.log_prediction_strip(*strip, step)
+        if step % settings.checkpoint_every == 0 or step == stop_at:
+            _save_checkpoint(engine, ckpt_dir, step, rng, gen, tracker, settings.keep_checkpoints)
+    bar.close()
+    summary = {"step": step, "finished": step >= settings.steps, **last}
+    if step >= settings.steps:
+        summary["model_dir"] = str(_save_final(engine, settings, index, tracker))
+    if tracker:
+        summary["mlflow_run_id"] = tracker.run_id
+        tracker.finish(summary)
+    if rank == 0:
+        settings.output.mkdir(parents=True, exist_ok=True)
+        (settings.output / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _gather_objects(obj) -> list:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _save_checkpoint(engine, ckpt_dir: Path, step: int, rng, gen, tracker, keep: int) -> None:
+    client = {
+        "step": step,
+        "data_rng": _gather_objects(rng.bit_generator.state),
+        "noise_rng": _gather_objects(gen.get_state()),
+        "torch_rng": _gather_objects(torch.get_rng_state()),
+        "mlflow_run_id": tracker.run_id if tracker else None,
+    }
+    # every rank needs the run id on resume only through rank 0's client state; broadcast keeps them identical
+    client["mlflow_run_id"] = _gather_objects(client["mlflow_run_id"])[0]
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state=client)
+    if int(os.environ.get("RANK", 0)) == 0:
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _save_final(engine, settings: TrainSettings, index: dict, tracker) -> Path:
+    """Consolidate (ZeRO-3 gathers the shards) and write the model directory on rank 0."""
+    import deepspeed
+
+    from pipelines.train.tracking import model_metadata
+
+    model: LingBotVA = engine.module
+    out = settings.output / "model"
+    params = list(model.parameters())
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if settings.zero_stage == 3 else _nullctx()
+    with ctx:
+        # every rank records a digest of the full parameters: data-parallel replicas must agree bit for bit
+        digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
+        settings.output.mkdir(parents=True, exist_ok=True)
+        (settings.output / f"param_digest.rank{int(os.environ.get('RANK', 0))}.txt").write_text(digest)
+        if int(os.environ.get("RANK", 0)) == 0:
+            normalization, action_space, extra = model_metadata(settings, index)
+            model.save_pretrained(out, normalization=normalization, action_space=action_space, extra=extra)
+    if dist.is_initialized():
+        dist.barrier()
+    if tracker:
+        tracker.log_model(out)
+    return out
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

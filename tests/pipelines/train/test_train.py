@@ -1,0 +1,120 @@
+"""Training under torchrun + DeepSpeed (ZeRO-2/3, 2 CPU ranks), kill-and-resume, MLflow records, bad settings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipelines.cli import main
+from pipelines.data.synthetic import write_synthetic_lerobot
+
+REPO = Path(__file__).resolve().parents[3]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+
+
+def cli(*args: str, nproc: int = 1, timeout: int = 400) -> subprocess.CompletedProcess:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   "--nproc_per_node", str(nproc)]
+    proc = subprocess.run([*launcher, "-m", "pipelines.cli", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_lerobot(root / "episodes", episodes=4)
+    cli("data", "prepare", "--episodes-dir", str(root / "episodes"), "--out", str(root / "prepared"),
+        "--feast-dir", str(root / "feast"), "--preset", "tiny")
+    cli("data", "encode", "--episodes-dir", str(root / "episodes"), "--prepared-dir", str(root / "prepared"),
+        "--feast-dir", str(root / "feast"), "--out", str(root / "latents"), "--preset", "tiny")
+    return root
+
+
+def train_args(data: Path, run: str, *extra: str) -> list[str]:
+    return ["train", "pretrain", "--preset", "tiny", "--data-dir", str(data), "--run-dir", str(data / "runs" / run),
+            "--token-budget", "600", "--lr", "3e-3", "--warmup-steps", "1", "--val-every", "3",
+            "--tracking-uri", f"sqlite:///{data}/mlflow.db", *extra]
+
+
+def metric_history(data: Path, run_id: str, key: str) -> list[float]:
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{data}/mlflow.db")
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.parametrize("zero", [2, 3], ids=["zero2", "zero3"])
+def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
+    run = f"zero{zero}"
+    cli(*train_args(data, run, "--steps", "8", "--zero-stage", str(zero), "--no-register"), nproc=2)
+    out = data / "runs" / run
+    digests = {p.read_text() for p in out.glob("param_digest.rank*.txt")}
+    assert len(list(out.glob("param_digest.rank*.txt"))) == 2 and len(digests) == 1
+    run_id = json.loads((out / "summary.json").read_text())["mlflow_run_id"]
+    losses = metric_history(data, run_id, "loss")
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_kill_and_resume_continues_the_same_run(data):
+    cli(*train_args(data, "straight", "--steps", "6", "--no-register"))
+    cli(*train_args(data, "resumed", "--steps", "6", "--max-steps-this-run", "3", "--no-register"))
+    stopped = json.loads((data / "runs" / "resumed" / "summary.json").read_text())
+    assert stopped["step"] == 3 and not stopped["finished"]
+    cli(*train_args(data, "resumed", "--steps", "6", "--no-register"), "--resume")
+    resumed = json.loads((data / "runs" / "resumed" / "summary.json").read_text())
+    straight = json.loads((data / "runs" / "straight" / "summary.json").read_text())
+    assert resumed["step"] == 6 and resumed["finished"]
+    assert resumed["mlflow_run_id"] == stopped["mlflow_run_id"]
+    assert metric_history(data, resumed["mlflow_run_id"], "loss") == pytest.approx(
+        metric_history(data, straight["mlflow_run_id"], "loss"), rel=1e-5)
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_and_registered_model(data):
+    cli(*train_args(data, "tracked", "--steps", "3"))
+    summary = json.loads((data / "runs" / "tracked" / "summary.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{data}/mlflow.db")
+    try:
+        run = mlflow.get_run(summary["mlflow_run_id"])
+        assert run.data.params["preset"] == "tiny" and run.data.params["settings.zero_stage"] == "2"
+        assert "data_version" in run.data.params and "deepspeed.zero_optimization.stage" in run.data.params
+        for key in ("L_dyn", "L_inv", "L_fdm", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "val_loss"):
+            assert key in run.data.metrics, key
+        client = mlflow.MlflowClient()
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config", "validation"} <= artifacts
+        assert client.list_artifacts(run.info.run_id, "validation")[0].path.endswith(".png")
+        version = client.get_model_version_by_alias("lingbot-va-base", "challenger")
+        model = mlflow.pyfunc.load_model("models:/lingbot-va-base@challenger")
+        index = json.loads((data / "latents" / "index.json").read_text())
+        import numpy as np
+
+        latents = np.zeros((1, index["latent_channels"], 2, 4), np.float32)
+        out = model.predict({"latents": latents.tolist(), "seed": 0})
+        assert int(version.version) >= 1 and out is not None
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["train", "pretrain", "--lr", "0"], "lr must be > 0", id="lr-zero"),
+        pytest.param(["train", "pretrain", "--data-dir", "/nonexistent"], "missing data", id="missing-data"),
+        pytest.param(["train", "posttrain", "--init-from", "x"], "needs --task", id="posttrain-no-task"),
+    ],
+)
+def test_bad_settings_fail_fast(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_stage_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "finetune"])
+    assert "invalid choice: 'finetune'" in capsys.readouterr().err
