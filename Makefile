@@ -10,7 +10,7 @@ export MUJOCO_GL := osmesa
 export HF_HUB_OFFLINE := 1
 DEB_PACKAGES := libosmesa6 libgl1
 
-.PHONY: install test demo data lint bench clean
+.PHONY: install test demo data train lint bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -34,6 +34,10 @@ demo: install
 # collect -> prepare -> encode with DVC (params.yaml); a second run reuses the cache
 data: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro encode
+
+# pretrain (small preset) + post-train every task of params.yaml, tracked in MLflow under data/mlflow
+train: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -20,23 +20,7 @@ import torch
 
 from model import LingBotVA, get_preset
 from pipelines.data.loader import PackedWindows
-from pipelines.data.shards import ShardWriter, write_index
-
-
-def synthetic_latents(root: Path, config, episodes: int = 64, frames: int = 40) -> Path:
-    g = torch.Generator().manual_seed(0)
-    writer = ShardWriter(root, shard_episodes=16)
-    mask = torch.zeros(30, dtype=torch.uint8)
-    mask[[0, 1, 2, 3, 4, 5, 6, 28]] = 1
-    for i in range(episodes):
-        writer.add(i, torch.randn(frames, config.latent_channels, 8, 16, generator=g),
-                   torch.randn((frames - 1) * 4, 30, generator=g).clamp(-1.5, 1.5), mask,
-                   {"dataset": f"source-{i % 4}", "episode_index": i, "split": "train", "task": f"task-{i % 4}",
-                    "embodiment": "synthetic"})
-    entries = writer.close()
-    text = {f"task-{k}": torch.randn(16, config.text_dim, generator=g) for k in range(4)}
-    write_index(root, entries, text, stats={}, instructions={t: t for t in text})
-    return root
+from pipelines.data.synthetic import write_synthetic_latents
 
 
 def main() -> None:
@@ -51,7 +35,7 @@ def main() -> None:
         latents = Path(args.latents)
         source = "encoded"
         if not (latents / "index.json").is_file():
-            latents, source = synthetic_latents(Path(tmp), config), "synthetic"
+            latents, source = write_synthetic_latents(Path(tmp), config), "synthetic"
         loader = PackedWindows(latents, "train", token_budget=args.token_budget, rows=1, seed=0)
         rng = np.random.default_rng(0)
         loader.sample(rng)

@@ -76,3 +76,23 @@ def write_synthetic_lerobot(root, tasks=("task-a", "task-b"), episodes: int = 4,
                                success=np.arange(n) > n - 3, task=task, instruction=f"do {task}",
                                embodiment="metaworld-sawyer", fps=80, seed=seed))
         write_lerobot_dataset(Path(root) / f"sim-{task}", eps, robot_type="sawyer", fps=80)
+
+
+def write_synthetic_latents(root, config, episodes: int = 64, frames: int = 40, latent_hw=(8, 16), seed: int = 0):
+    """Encoded-format shards of random latents for a model config (benchmarks; shape of two 128-px views)."""
+    from pathlib import Path
+
+    from pipelines.data.shards import ShardWriter, write_index
+
+    g = torch.Generator().manual_seed(seed)
+    writer = ShardWriter(Path(root), shard_episodes=16)
+    mask = torch.zeros(30, dtype=torch.uint8)
+    mask[list(range(7)) + [28]] = 1
+    for i in range(episodes):
+        writer.add(i, torch.randn(frames, config.latent_channels, *latent_hw, generator=g),
+                   torch.randn((frames - 1) * config.tau, 30, generator=g).clamp(-1.5, 1.5), mask,
+                   {"dataset": f"source-{i % 4}", "episode_index": i, "split": "val" if i % 10 == 9 else "train",
+                    "task": f"task-{i % 4}", "embodiment": "synthetic"})
+    text = {f"task-{k}": torch.randn(16, config.text_dim, generator=g) for k in range(4)}
+    write_index(Path(root), writer.close(), text, stats={}, instructions={t: t for t in text})
+    return Path(root)

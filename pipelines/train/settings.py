@@ -64,9 +64,12 @@ class TrainSettings(BaseSettings):
     @model_validator(mode="after")
     def _fill_and_check(self) -> TrainSettings:
         defaults = STAGE_DEFAULTS[self.stage]
+        warmup_given = self.warmup_steps is not None
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        if not warmup_given:  # the default warmup never exceeds a fifth of a short run
+            object.__setattr__(self, "warmup_steps", min(self.warmup_steps, self.steps // 5))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.stage == "posttrain":

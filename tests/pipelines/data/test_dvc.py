@@ -31,9 +31,12 @@ def project(tmp_path_factory):
             shutil.copy2(REPO / f, root / f)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["collect"].update(tasks="reach-v3", episodes=3, image_size=32, workers=1)
-    params["prepare"]["preset"] = params["encode"]["preset"] = "tiny"
+    params["prepare"]["preset"] = params["encode"]["preset"] = params["pretrain"]["preset"] = "tiny"
+    params["pretrain"].update(steps=2, nproc=1)
+    params["posttrain"].update(tasks=["reach-v3"], steps=2, nproc=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     run(["git", "init", "-q"], root, env)
     out = run(["dvc", "repro"], root, env, timeout=600)
@@ -42,9 +45,10 @@ def project(tmp_path_factory):
 
 def test_repro_builds_every_stage(project):
     root, _, out = project
-    for stage in ("collect", "prepare", "encode"):
+    for stage in ("collect", "prepare", "encode", "pretrain", "posttrain@reach-v3"):
         assert f"'{stage}'" in out
     assert (root / "data" / "latents" / "index.json").is_file()
+    assert (root / "data" / "runs" / "posttrain-reach-v3" / "model" / "config.json").is_file()
     assert (root / "dvc.lock").is_file()
 
 
@@ -79,6 +83,7 @@ def test_push_and_pull_through_an_s3_remote(project):
         shutil.rmtree(root / "data" / "latents")
         run(["dvc", "pull", "-r", "s3"], root, env)
         assert (root / "data" / "latents" / "index.json").is_file()
+        assert (root / "data" / "runs" / "posttrain-reach-v3" / "model" / "config.json").is_file()
         assert "up to date" in run(["dvc", "status"], root, env)
     finally:
         server.stop()
