@@ -159,6 +159,10 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool | Non
             tracker.log_metrics(last, step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['lr']:.1e}")
+        if rank == 0 and bar.disable and (step % max(1, settings.steps // 20) == 0 or step == stop_at):
+            # no terminal: one concise line every 5% of the run instead of a progress bar
+            print(f"[{settings.run_name}] step {step}/{settings.steps} loss {loss:.4f} (dyn {dyn:.4f} inv {inv:.4f} "
+                  f"fdm {fdm_l:.4f}) lr {last['lr']:.2e} {last['tokens_per_s']:.0f} tok/s", flush=True)
         if step % settings.val_every == 0 or step == settings.steps:
             val = _validate(engine, val_loader, settings)
             if val:
