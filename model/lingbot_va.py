@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.config import LingBotConfig
-from model.init import init_action_block_from_video, init_action_conditioning_from_video
+from model.init import init_action_block_from_video, init_action_conditioning_from_video, resample
 from model.layers import (
     MLP,
     ActionBlock,
@@ -197,7 +197,7 @@ class LingBotVA(nn.Module):
         init_action_conditioning_from_video(self.action_time, self.video_time)
         with torch.no_grad():
             head = self.action_out.scale_shift_table
-            head.copy_(self.video_out.scale_shift_table[..., _nearest(head.shape[-1], self.config.video_dim)])
+            head.copy_(resample(self.video_out.scale_shift_table, tuple(head.shape)))
 
     def stream_parameters(self) -> dict[str, int]:
         """Parameter counts: {'video_stream', 'action_stream', 'total'}."""
@@ -414,9 +414,6 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
 def _on_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
-
-def _nearest(n_out: int, n_in: int) -> torch.Tensor:
-    return ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out).floor().long()
 
 
 __all__ = ["CLEAN", "FDM_ACT", "FDM_VID", "NOISY", "PAD", "KVCache", "LingBotVA", "Tokens"]

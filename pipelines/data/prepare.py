@@ -24,8 +24,8 @@ import pandas as pd
 from model.normalization import ActionNormalizer
 from pipelines.data.embodiments import get_adapter
 from pipelines.data.lerobot import LeRobotDataset
+from pipelines.data.shards import TAU
 
-TAU = 4
 
 
 def dataset_version(root: Path) -> str:

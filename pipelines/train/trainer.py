@@ -10,6 +10,7 @@ previous one. The final model is a consolidated ``save_pretrained`` directory wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,19 +24,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import LingBotVA, get_preset
+from pipelines.data.encode import dist_info
 from pipelines.data.loader import PackedWindows
 from pipelines.train.parallelize import build_engine
 from pipelines.train.settings import TrainSettings
 
 
-def _dist() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _init_distributed() -> tuple[int, int]:
     import deepspeed
 
-    rank, world = _dist()
+    rank, world = dist_info()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -134,8 +132,7 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool | Non
 
     tracker = Tracker(settings, index, ds_config, run_id=run_id) if rank == 0 else None
     stop_at = settings.steps if settings.max_steps_this_run is None else min(settings.steps, step + settings.max_steps_this_run)
-    show = progress if progress is not None else None
-    bar = tqdm(total=settings.steps, initial=step, desc=settings.run_name, disable=(rank != 0) or (show is False) or None)
+    bar = tqdm(total=settings.steps, initial=step, desc=settings.run_name, disable=(rank != 0) or (progress is False) or None)
     last = {}
     engine.train()
     while step < stop_at:
@@ -201,10 +198,8 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, rng, gen, tracker, keep:
         "data_rng": _gather_objects(rng.bit_generator.state),
         "noise_rng": _gather_objects(gen.get_state()),
         "torch_rng": _gather_objects(torch.get_rng_state()),
-        "mlflow_run_id": tracker.run_id if tracker else None,
+        "mlflow_run_id": tracker.run_id if tracker else None,  # DeepSpeed saves rank 0's client state
     }
-    # every rank needs the run id on resume only through rank 0's client state; broadcast keeps them identical
-    client["mlflow_run_id"] = _gather_objects(client["mlflow_run_id"])[0]
     engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state=client)
     if int(os.environ.get("RANK", 0)) == 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
@@ -223,7 +218,8 @@ def _save_final(engine, settings: TrainSettings, index: dict, tracker) -> Path:
     model: LingBotVA = engine.module
     out = settings.output / "model"
     params = list(model.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if settings.zero_stage == 3 else _nullctx()
+    zero3 = settings.zero_stage == 3
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()
     with ctx:
         # every rank records a digest of the full parameters: data-parallel replicas must agree bit for bit
         digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in params)).hexdigest()
@@ -238,10 +234,3 @@ def _save_final(engine, settings: TrainSettings, index: dict, tracker) -> Path:
         tracker.log_model(out)
     return out
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
