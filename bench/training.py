@@ -39,10 +39,12 @@ def state_bytes(engine) -> dict[str, int]:
     for st in inner.state.values():
         for t in st.values():
             add(t)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+    # fp32 master copies: ZeRO-1/2, ZeRO-3, and DeepSpeed's BF16_Optimizer (bf16 without ZeRO partitioning)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         for t in getattr(engine.optimizer, name, []) or []:
             add(t)
-    return {"param_bytes": params, "optimizer_state_bytes": opt, "total": params + opt}
+    return {"param_bytes": params, "optimizer_state_bytes": opt, "total": params + opt,
+            "optimizer_class": type(engine.optimizer).__name__}
 
 
 def worker(args) -> None:
@@ -112,10 +114,11 @@ def main() -> None:
         "token_budget": args.token_budget, "timed_steps": args.steps,
         "tokens_per_s": {str(z): round(r["tokens_per_s"], 1) for z, r in results.items()},
         "step_s": {str(z): round(r["step_s"], 3) for z, r in results.items()},
-        "per_rank_state_bytes": {str(z): {k: r[k] for k in ("param_bytes", "optimizer_state_bytes", "total")}
+        "per_rank_state_bytes": {str(z): {k: r[k] for k in ("param_bytes", "optimizer_state_bytes", "total",
+                                                             "optimizer_class")}
                                  for z, r in results.items()},
         "zero3_vs_zero0_memory_ratio": round(results[3]["total"] / results[0]["total"], 3),
-        "mfu_gpu": "not measured: no GPU was lent to this task",
+        "mfu_gpu": "bench/mfu.py (needs a GPU) -> bench/results/mfu.json",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

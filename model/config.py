@@ -161,6 +161,10 @@ PRESETS: dict[str, LingBotConfig] = {
         latent_channels=48, video_dim=256, num_layers=6, num_heads=4, video_ffn_dim=1024, text_dim=256,
         freq_dim=128, action_dim=128, action_ffn_dim=512, action_mlp_hidden=128,
     ),
+    # ~1B for GPU throughput work (bench/mfu.py): Wan-shaped video stream at d_v 2048, 14 layers, d_a 512.
+    "base-1b": LingBotConfig(
+        video_dim=2048, num_layers=14, num_heads=16, video_ffn_dim=8192, action_dim=512, action_ffn_dim=2048,
+    ),
     # The paper's model: Wan2.2-5B video stream (d_v 3072, 30 layers) + a d_a = 768 action stream.
     "paper-5.3b": LingBotConfig(),
 }

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,24 +106,31 @@ class KVCache:
         return self.rows(list(range(self.meta.chunk.shape[0]))) if self.meta is not None else KVCache(len(self.k))
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_meta: TokenMeta, k_meta: TokenMeta,
-            window: int | None, backend: str = "auto") -> torch.Tensor:
-    """Joint self-attention (B, L, H, D) under the chunk-causal rule.
+def attention_mask(q_meta: TokenMeta, k_meta: TokenMeta, window: int | None, device, backend: str = "auto"):
+    """The chunk-causal rule for one model pass, built once and shared by every layer.
 
-    backend "auto": block-sparse flex attention (compiled) on GPU for long sequences, SDPA with a dense boolean mask
-    otherwise; "sdpa" / "flex" force one path (eager flex runs on CPU too, which is how its equivalence is tested).
+    backend "auto": a block-sparse flex-attention ``BlockMask`` on GPU for long sequences, a dense boolean mask
+    (B, 1, Lq, Lk) for SDPA otherwise; "sdpa" / "flex" force one (eager flex runs on CPU too, which is how its
+    equivalence is tested).
     """
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    use_flex = backend == "flex" or (backend == "auto" and q.is_cuda and q.shape[2] >= 128)
+    Lq, Lk = q_meta.length, k_meta.length
+    use_flex = backend == "flex" or (backend == "auto" and torch.device(device).type == "cuda" and Lq >= 128)
     if use_flex:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        B, _, Lq, _ = q.shape
-        block = create_block_mask(mask_mod(q_meta, k_meta, window), B, None, Lq, k.shape[2], device=q.device)
-        fn = _compiled_flex() if q.is_cuda else flex_attention
-        out = fn(q, k, v, block_mask=block)
+        return create_block_mask(mask_mod(q_meta, k_meta, window), q_meta.chunk.shape[0], None, Lq, Lk, device=device)
+    return allowed(q_meta, k_meta, window)[:, None]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Joint self-attention (B, L, H, D) under ``mask`` (from ``attention_mask``)."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if isinstance(mask, torch.Tensor):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed(q_meta, k_meta, window)[:, None])
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = (_compiled_flex() if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -138,8 +146,7 @@ def _compiled_flex():
     return _FLEX
 
 
-def _layer(blk: MoTBlock, xv, xa, proj_v, proj_a, cos, sin, past, q_meta: TokenMeta, k_meta: TokenMeta,
-           window: int | None, ctx, ctx_mask):
+def _layer(blk: MoTBlock, xv, xa, proj_v, proj_a, cos, sin, past, mask, ctx, ctx_mask):
     """One MoT layer: each stream's own projections, one joint attention, each stream's own output and FFN."""
     qkv = []
     if xv is not None:
@@ -151,7 +158,7 @@ def _layer(blk: MoTBlock, xv, xa, proj_v, proj_a, cos, sin, past, q_meta: TokenM
     q, k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in zip(*qkv, strict=True))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1))
-    o = _attend(q, k_all, v_all, q_meta, k_meta, window).flatten(2)
+    o = _attend(q, k_all, v_all, mask).flatten(2)
     lv = 0 if xv is None else xv.shape[1]
     if xv is not None:
         xv = blk.video.post_attention(xv, o[:, :lv], mod_v, ctx, ctx_mask)
@@ -186,6 +193,7 @@ class LingBotVA(nn.Module):
         )
         self.rope = RotaryEmbedding3D(c.head_dim, c.rope_theta)
         self.activation_checkpointing = False  # set by the training wrapper (pipelines/train/parallelize.py)
+        self._compiled_layer = None  # set by compile_layers()
         if c.action_init == "interpolate" and not _on_meta(self):
             self.init_action_stream_from_video()
 
@@ -198,6 +206,14 @@ class LingBotVA(nn.Module):
         with torch.no_grad():
             head = self.action_out.scale_shift_table
             head.copy_(resample(self.video_out.scale_shift_table, tuple(head.shape)))
+
+    def compile_layers(self, **compile_kwargs) -> None:
+        """Compile the per-layer function with ``torch.compile`` (fuses modulation, norms, RoPE and attention on GPU).
+
+        Every layer shares one compiled graph; shapes vary from step to step, so it is compiled with dynamic shapes.
+        """
+        compile_kwargs.setdefault("dynamic", True)
+        self._compiled_layer = torch.compile(_layer, **compile_kwargs)
 
     def stream_parameters(self) -> dict[str, int]:
         """Parameter counts: {'video_stream', 'action_stream', 'total'}."""
@@ -285,14 +301,16 @@ class LingBotVA(nn.Module):
             temb_a, proj_a = self.action_time(action.t, dtype)
             xa = action.x.to(dtype)
         window = self.config.attn_window_chunks if window_chunks is None else window_chunks
+        mask = attention_mask(q_meta, k_meta, window, cos.device)
+        layer = self._compiled_layer or _layer
         new_kv = []
         for i, blk in enumerate(self.blocks):
             past = None if cache is None or cache.meta is None else (cache.k[i], cache.v[i])
-            args = (blk, xv, xa, proj_v, proj_a, cos, sin, past, q_meta, k_meta, window, context_BTd, context_mask_BLT)
+            args = (blk, xv, xa, proj_v, proj_a, cos, sin, past, mask, context_BTd, context_mask_BLT)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                xv, xa, k, v = torch.utils.checkpoint.checkpoint(_layer, *args, use_reentrant=False)
+                xv, xa, k, v = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                xv, xa, k, v = _layer(*args)
+                xv, xa, k, v = layer(*args)
             if return_kv:
                 new_kv.append((k, v))
         out_v = None if xv is None else self.video_out(xv, temb_v)
@@ -355,11 +373,13 @@ class LingBotVA(nn.Module):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory: str | os.PathLike, *, normalization: dict | None = None,
-                        action_space: dict | None = None, extra: dict | None = None) -> Path:
+                        action_space: dict | None = None, extra: dict | None = None,
+                        write_files: Callable[[Path], None] | None = None) -> Path:
         """Write model.safetensors + config.json atomically (a crash never leaves a half-written directory).
 
         ``normalization`` (per-dimension stats used in training) and ``action_space`` (embodiment description)
-        travel with the weights so serving rebuilds preprocessing from this directory alone.
+        travel with the weights so serving rebuilds preprocessing from this directory alone. ``write_files(tmp)``
+        may add more files (e.g. the encoders) to the directory before it is moved into place.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -370,6 +390,8 @@ class LingBotVA(nn.Module):
             meta = {"format_version": FORMAT_VERSION, "model": self.config.to_dict(),
                     "normalization": normalization, "action_space": action_space, "extra": extra or {}}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if write_files is not None:
+                write_files(tmp)
             if directory.exists():
                 old = directory.with_name(f".{directory.name}.old")
                 shutil.rmtree(old, ignore_errors=True)

@@ -40,8 +40,38 @@ def model_metadata(settings: TrainSettings, index: dict) -> tuple[dict, dict, di
     normalization = features.get(main, {"embodiments": features})
     action_space = {"embodiments": embodiments, "tasks": tasks, "tau": index["tau"],
                     "instructions": {t: index["instructions"].get(t) for t in tasks}}
-    extra = {"stage": settings.stage, "settings": json.loads(settings.model_dump_json()), "data_version": data_version(index)}
+    entries = [e for e in index["episodes"] if e["task"] in tasks]
+    action_space["observation"] = {"cameras": entries[0].get("cameras") if entries else None,
+                                   "latent_hw": entries[0].get("latent_hw") if entries else None}
+    extra = {"stage": settings.stage, "settings": json.loads(settings.model_dump_json()), "data_version": data_version(index),
+             "encoders": {"vae": index.get("vae"), "text": {"file": TEXT_FILE, "text_len": index.get("text_len")}}}
     return normalization, action_space, extra
+
+
+TEXT_FILE = "text_embeddings.safetensors"
+VAE_DIR = "vae"
+
+
+def encoder_files(settings: TrainSettings, index: dict):
+    """``write_files`` for save_pretrained: the VAE the latents came from and the tasks' instruction embeddings.
+
+    With them the model directory is all a rollout or a server needs: camera frames -> the same latents as in
+    training, and a task name -> its instruction embedding (no text encoder at serving time).
+    """
+    from safetensors.torch import load_file, save_file
+
+    from model.encoders import VideoVAE
+
+    def write(directory: Path) -> None:
+        text = load_file(str(settings.latents / "text.safetensors"))
+        tasks = sorted({e["task"] for e in index["episodes"] if settings.task in (None, e["task"])})
+        save_file({t: text[t].contiguous() for t in tasks if t in text}, str(directory / TEXT_FILE))
+        spec = index.get("vae") or {}
+        vae = VideoVAE.from_pretrained(spec["path"]) if spec.get("path") else VideoVAE.small(
+            latent_channels=index["latent_channels"], seed=int(spec.get("seed", 0)))
+        vae.save_pretrained(directory / VAE_DIR)
+
+    return write
 
 
 class Tracker:

@@ -213,7 +213,7 @@ def _save_final(engine, settings: TrainSettings, index: dict, tracker) -> Path:
     """Consolidate (ZeRO-3 gathers the shards) and write the model directory on rank 0."""
     import deepspeed
 
-    from pipelines.train.tracking import model_metadata
+    from pipelines.train.tracking import encoder_files, model_metadata
 
     model: LingBotVA = engine.module
     out = settings.output / "model"
@@ -227,7 +227,8 @@ def _save_final(engine, settings: TrainSettings, index: dict, tracker) -> Path:
         (settings.output / f"param_digest.rank{int(os.environ.get('RANK', 0))}.txt").write_text(digest)
         if int(os.environ.get("RANK", 0)) == 0:
             normalization, action_space, extra = model_metadata(settings, index)
-            model.save_pretrained(out, normalization=normalization, action_space=action_space, extra=extra)
+            model.save_pretrained(out, normalization=normalization, action_space=action_space, extra=extra,
+                                  write_files=encoder_files(settings, index))
     if dist.is_initialized():
         dist.barrier()
     if tracker:

@@ -333,15 +333,15 @@ def test_bad_session_inputs_raise_value_errors():
 
 def test_flex_attention_path_matches_sdpa():
     """The block-sparse path used on GPU computes the same attention as the dense-mask SDPA path (eager, on CPU)."""
-    from model.lingbot_va import _attend
+    from model.lingbot_va import _attend, attention_mask
 
     g = torch.Generator().manual_seed(0)
     L = 40
     meta = TokenMeta(torch.randint(0, 6, (1, L), generator=g), torch.randint(0, 4, (1, L), generator=g),
                      torch.zeros(1, L, dtype=torch.long))
     q, k, v = (torch.randn(1, L, 2, 16, generator=g) for _ in range(3))
-    dense = _attend(q, k, v, meta, meta, None, backend="sdpa")
-    sparse = _attend(q, k, v, meta, meta, None, backend="flex")
+    dense = _attend(q, k, v, attention_mask(meta, meta, None, "cpu", backend="sdpa"))
+    sparse = _attend(q, k, v, attention_mask(meta, meta, None, "cpu", backend="flex"))
     rows = allowed(meta, meta)[0].any(-1)  # rows with no allowed key are undefined in both
     assert (dense[0, rows] - sparse[0, rows]).abs().max() <= 1e-5
 

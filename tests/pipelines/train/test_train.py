@@ -58,7 +58,18 @@ def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
     losses = metric_history(data, run_id, "loss")
     assert len(losses) == 8
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert (out / "model" / "config.json").is_file()
+    model_dir = out / "model"
+    assert (model_dir / "config.json").is_file()
+    # self-contained: the VAE the latents came from and the instruction embeddings travel with the weights
+    from safetensors.torch import load_file
+
+    from model.encoders import VideoVAE
+
+    assert VideoVAE.from_pretrained(model_dir / "vae").latent_channels == 16
+    text = load_file(str(model_dir / "text_embeddings.safetensors"))
+    assert text and all(t.shape[-1] == 32 for t in text.values())
+    observation = json.loads((model_dir / "config.json").read_text())["action_space"]["observation"]
+    assert observation["latent_hw"] and observation["cameras"]
 
 
 def test_kill_and_resume_continues_the_same_run(data):
