@@ -198,6 +198,10 @@ class VideoVAE(torch.nn.Module):
         mu = mu.float().permute(0, 2, 1, 3, 4)  # (B, F, C, h, w)
         return (mu - self.latents_mean) / self.latents_std
 
+    def stream(self) -> LatentStream:
+        """An incremental encoder for one episode (closed-loop control): see :class:`LatentStream`."""
+        return LatentStream(self)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, num_views: int = 1) -> torch.Tensor:
         """Decode normalised latents ``(B, F, C, h, w)`` into uint8 frames ``(B, T, V, H, W, 3)``.
@@ -224,6 +228,70 @@ class VideoVAE(torch.nn.Module):
         b, _, t, h, vw = x.shape
         x = x.reshape(b, 3, t, h, num_views, vw // num_views).permute(0, 2, 4, 3, 5, 1)
         return ((x + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+class LatentStream:
+    """Causal, incremental VAE encoding of one episode's frames as they arrive.
+
+    The Wan VAE encoder is causal: ``encode`` runs the first frame alone, then groups of 4 frames, carrying a cache of
+    each causal convolution's last inputs. This class keeps that cache between calls, so pushing an episode's frames
+    in any split (1 frame, then 16, then 3 + 1 ...) yields exactly the latents ``VideoVAE.encode`` gives for the whole
+    clip, at the cost of encoding each frame once. Frames that do not yet complete a group wait for the next push.
+    """
+
+    def __init__(self, vae: VideoVAE) -> None:
+        self.vae = vae
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        convs = sum(isinstance(m, WanCausalConv3d) for m in vae.vae.encoder.modules())
+        self._cache: list = [None] * convs
+        self._pending: list[torch.Tensor] = []  # (V, H, W, 3) uint8 frames not yet encoded
+        self._shape: tuple | None = None  # (V, H, W, 3) of this episode's frames
+        self.frames_encoded = 0
+        self.latents_emitted = 0
+
+    @torch.no_grad()
+    def push(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Append uint8 frames ``(T, V, H, W, 3)``; returns the latents ``(F, C, h, w)`` completed by them (F may be 0)."""
+        if isinstance(frames, np.ndarray):
+            frames = torch.from_numpy(frames)
+        if frames.ndim != 5:
+            raise ValueError(f"frames must be (T, V, H, W, 3) uint8, got shape {tuple(frames.shape)}")
+        self.vae._check_frames(frames[None, :1])  # dtype, channels, sizes
+        if self._shape is not None and tuple(frames.shape[1:]) != self._shape:
+            raise ValueError(f"frame shape {tuple(frames.shape[1:])} differs from this episode's {self._shape}")
+        self._shape = tuple(frames.shape[1:])
+        self._pending.extend(frames.unbind(0))
+        out = []
+        tc = self.vae.temporal_compression
+        while self._pending:
+            need = 1 if self.frames_encoded == 0 else tc
+            if len(self._pending) < need:
+                break
+            group, self._pending = torch.stack(self._pending[:need]), self._pending[need:]
+            out.append(self._encode_group(group))
+            self.frames_encoded += need
+        if not out:
+            v, h, w, _ = self._shape
+            sc = self.vae.spatial_compression
+            return torch.zeros(0, self.vae.latent_channels, h // sc, v * w // sc)
+        latents = torch.cat(out)
+        self.latents_emitted += latents.shape[0]
+        return latents
+
+    def _encode_group(self, group: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+        vae = self.vae.vae
+        t, v, h, w, _ = group.shape
+        x = group.to(self.vae.device).permute(4, 0, 2, 1, 3).reshape(1, 3, t, h, v * w)
+        x = x.to(self.vae.dtype) / 127.5 - 1.0
+        if vae.config.patch_size is not None:
+            x = patchify(x, patch_size=vae.config.patch_size)
+        out = vae.encoder(x, feat_cache=self._cache, feat_idx=[0])
+        mu = vae.quant_conv(out).chunk(2, dim=1)[0]  # the posterior mode, as in encode()
+        mu = mu.float().permute(0, 2, 1, 3, 4)  # (1, F, C, h, w)
+        return ((mu - self.vae.latents_mean) / self.vae.latents_std)[0]
 
 
 class TextEncoder(torch.nn.Module):

@@ -154,7 +154,7 @@ def camera_needs_rotation(model: mujoco.MjModel, data: mujoco.MjData, camera: st
     return bool(image_up_world_z < -0.1)
 
 
-class _CameraRig:
+class CameraRig:
     """Renders several cameras of one env with a single fast offscreen renderer."""
 
     def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, cameras: Sequence[str], size: int) -> None:
@@ -241,7 +241,7 @@ def collect_task(
         raise RuntimeError(f"metaworld action_scale {env.action_scale} != adapter's {adapter.action_scale}; update the adapter")
     horizon = min(max_steps or env.max_path_length, env.max_path_length)  # the env refuses to step past its horizon
     policy = ENV_POLICY_MAP[task]()
-    rig = _CameraRig(env.model, env.data, cameras, image_size)
+    rig = CameraRig(env.model, env.data, cameras, image_size)
     block = 0
     try:
         for attempt in range(episodes * max_attempts_factor):
@@ -290,7 +290,7 @@ def collect_task(
 
 
 def _rollout(
-    env: SawyerXYZEnv, policy: Policy, rig: _CameraRig, horizon: int, post_success_steps: int
+    env: SawyerXYZEnv, policy: Policy, rig: CameraRig, horizon: int, post_success_steps: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, int] | None:
     """One episode from ``env.reset()``: (frames, actions, state, success, first success step), None on failure."""
     obs, _ = env.reset()

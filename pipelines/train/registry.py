@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -325,6 +326,39 @@ def load_registered(uri: str) -> mlflow.pyfunc.PyFuncModel:
     The ``LingBotVA`` itself is ``load_registered(uri).unwrap_python_model().model``.
     """
     return mlflow.pyfunc.load_model(uri)
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def resolve_model(model: str | Path, data_dir: Path) -> tuple[Path, str | None, str | None]:
+    """A local model directory, or a registry URI (``models:/<name>@<alias>`` / ``models:/<name>/<version>``)
+    downloaded once into ``<data_dir>/mlflow/models/<name>-v<version>``; returns (model dir, name, version).
+
+    Uses the current tracking URI (set it first). Unknown names, aliases or versions raise ValueError.
+    """
+    from mlflow.exceptions import MlflowException
+
+    text = str(model)
+    match = _MODEL_URI.match(text)
+    if match is None:
+        read_checkpoint_meta(text)  # a directory: validate it
+        return Path(text), None, None
+    client = mlflow.MlflowClient()
+    name, alias, number = match["name"], match["alias"], match["version"]
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as err:
+        raise ValueError(f"{text}: no such registered model version ({err.message.splitlines()[0]})") from None
+    target = Path(data_dir).resolve() / "mlflow" / "models" / f"{name}-v{mv.version}"
+    if not (target / "done").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
+        (target / "done").write_text(mv.version)
+    dirs = [p.parent for p in target.glob("artifacts/*/config.json")]
+    if len(dirs) != 1:
+        raise ValueError(f"{text} (version {mv.version}) holds {len(dirs)} model directories, expected one")
+    return dirs[0], name, str(mv.version)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -218,3 +218,20 @@ def test_vae_encode_accepts_numpy_single_frame() -> None:
     # uint8 arrays come straight from LeRobot / robot drivers; a single frame is the T = 1 + 4*0 case
     arr = np.zeros((1, 1, 1, 16, 16, 3), dtype=np.uint8)
     assert VideoVAE.small(latent_channels=8, base_dim=8, num_res_blocks=1).encode(arr).shape == (1, 1, 8, 1, 1)
+
+
+def test_latent_stream_matches_whole_clip_encode(vae: VideoVAE) -> None:
+    """Closed-loop control encodes frames as they arrive; the causal cache makes that exact."""
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randint(0, 256, (1, 13, 2, 32, 32, 3), generator=g, dtype=torch.uint8)
+    whole = vae.encode(frames)[0]  # (4, C, 2, 4)
+    stream = vae.stream()
+    parts = [stream.push(frames[0, :1]), stream.push(frames[0, 1:3]), stream.push(frames[0, 3:10]),
+             stream.push(frames[0, 10:13])]
+    assert [p.shape[0] for p in parts] == [1, 0, 2, 1]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
+    assert stream.frames_encoded == 13 and stream.latents_emitted == 4
+    with pytest.raises(ValueError, match="differs from this episode"):
+        stream.push(frames[0, :1, :1])
+    with pytest.raises(ValueError, match="uint8"):
+        stream.push(frames[0, :4].float())

@@ -1,0 +1,127 @@
+"""A model directory as a closed-loop policy: camera frames -> VAE latents -> KV-cache session -> native actions.
+
+Everything comes from the model directory written by training (``save_pretrained`` + ``encoder_files``): weights,
+the VAE the training latents came from (``vae/``), the tasks' instruction embeddings, the action normalisation and
+the embodiment. Nothing else is loaded, so what is evaluated is what gets served.
+
+One ``EpisodePolicy`` per episode follows Algorithm 1 (sync) or Algorithm 2 (async) of the paper:
+
+    ep = policy.episode("reach-v3", seed=0)
+    ep.start(frames0)                      # first observation (V, H, W, 3) uint8
+    plan = ep.plan()                       # Plan: unified actions (K*tau, 30) in native units + imagined latents
+    ...execute plan.actions...             # sync: the robot waits for plan(); async: it runs while the next is planned
+    ep.imagine(plan)                       # async only: FDM pass, provisional frames for the chunk being executed
+    next_plan = ep.plan()                  # async: conditioned on the imagined outcome
+    ep.observe(frames, executed_unified)   # real frames + executed actions replace the provisional entries
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from model.encoders import VideoVAE
+from model.lingbot_va import LingBotVA
+from pipelines.data.embodiments import get_adapter
+from pipelines.train.registry import _mask_from_action_space, parse_normalization
+from pipelines.train.tracking import TEXT_FILE, VAE_DIR
+
+
+@dataclass
+class Plan:
+    """One predicted chunk: ``actions`` unified (N, 30) in native units, ``latents`` (K, C, h, w) imagined video."""
+
+    actions: np.ndarray
+    latents: torch.Tensor
+    normalized: torch.Tensor  # (N, 30) what the model produced, for the FDM pass
+
+
+class ChunkPolicy:
+    """Loads a model directory once; hands out one ``EpisodePolicy`` per episode."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", chunk_size: int | None = None):
+        model_dir = Path(model_dir)
+        self.model = LingBotVA.from_pretrained(model_dir, map_location=device).eval()
+        meta = self.model.checkpoint_meta
+        space = meta.get("action_space") or {}
+        if not (model_dir / VAE_DIR).is_dir() or not (model_dir / TEXT_FILE).is_file():
+            raise ValueError(f"{model_dir} has no {VAE_DIR}/ or {TEXT_FILE}: it was written by an older trainer; "
+                             "retrain or post-train it to get a self-contained model directory")
+        self.vae = VideoVAE.from_pretrained(model_dir / VAE_DIR).to(device)
+        self.text = load_file(str(model_dir / TEXT_FILE))
+        embodiments = space.get("embodiments") or []
+        if len(embodiments) != 1:
+            raise ValueError(f"{model_dir} covers embodiments {embodiments}; closed-loop evaluation needs exactly one")
+        self.adapter = get_adapter(embodiments[0])
+        stats = parse_normalization(meta.get("normalization"))
+        if not stats:
+            raise ValueError(f"{model_dir} has no action normalisation stats")
+        self.normalizer, stats_mask = stats.get(embodiments[0]) or next(iter(stats.values()))
+        mask = stats_mask if stats_mask is not None else _mask_from_action_space(space)
+        self.action_mask = np.asarray(mask if mask is not None else self.adapter.mask, bool)
+        obs = space.get("observation") or {}
+        self.cameras = tuple(obs.get("cameras") or self.adapter.spec.camera_keys)
+        hw = obs.get("latent_hw")
+        sc = self.vae.spatial_compression
+        self.image_size = int(hw[0] * sc) if hw else None  # square views, side by side in the latent
+        self.chunk_size = chunk_size or self.model.config.chunk_size
+        self.tau = self.model.config.tau
+        self.device = device
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.text)
+
+    @property
+    def steps_per_chunk(self) -> int:
+        return self.chunk_size * self.tau
+
+    def episode(self, task: str, seed: int) -> EpisodePolicy:
+        if task not in self.text:
+            raise ValueError(f"the model has no instruction embedding for task {task!r}; it knows {self.tasks}")
+        return EpisodePolicy(self, task, seed)
+
+
+class EpisodePolicy:
+    """The per-episode state: a KV-cache session and the VAE's causal encoder cache."""
+
+    def __init__(self, policy: ChunkPolicy, task: str, seed: int):
+        self.p = policy
+        self.session = policy.model.session(policy.text[task].float().to(policy.device),
+                                            torch.from_numpy(policy.action_mask), chunk_size=policy.chunk_size,
+                                            generator=torch.Generator().manual_seed(seed))
+        self.stream = policy.vae.stream()
+
+    def start(self, frames: np.ndarray) -> None:
+        """The first observation: one frame per camera, (V, H, W, 3) uint8."""
+        z = self.stream.push(np.asarray(frames)[None])
+        self.session.observe(z.to(self.p.device))
+
+    def plan(self) -> Plan:
+        video, actions = self.session.predict_chunk()
+        a = actions.float().cpu()
+        native = np.full(a.shape, np.nan, np.float64)
+        if torch.isfinite(a).all():
+            clip = self.p.normalizer.clip
+            native = self.p.normalizer.denormalize(np.clip(a.numpy(), -clip, clip))
+            native = np.where(self.p.action_mask[None, :], native, 0.0)
+        return Plan(actions=native, latents=video.float().cpu(), normalized=a)
+
+    def imagine(self, plan: Plan) -> torch.Tensor:
+        """Algorithm 2's forward-dynamics step for the chunk being executed (provisional until ``observe``)."""
+        return self.session.imagine(plan.normalized.to(self.p.device)).float().cpu()
+
+    def observe(self, frames: np.ndarray, executed_unified: np.ndarray) -> None:
+        """The chunk's real frames (N, V, H, W, 3) and the unified actions that actually ran (N, 30)."""
+        z = self.stream.push(np.asarray(frames))
+        a = self.p.normalizer.normalize(torch.as_tensor(executed_unified, dtype=torch.float32))
+        a = a * torch.from_numpy(self.p.action_mask).float()
+        self.session.observe(z.to(self.p.device), a.to(self.p.device))
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Imagined latents (K, C, h, w) -> uint8 frames (T, H, V*W, 3) for rollout videos."""
+        return self.p.vae.decode(latents[None].to(self.p.device))[0, :, 0].cpu().numpy()
