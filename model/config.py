@@ -65,6 +65,10 @@ class LingBotConfig:
     """If set, tokens only attend to the last N chunks (training mask and KV-cache eviction agree)."""
 
     # --- objective ----------------------------------------------------------------------------------------------
+    objective: str = "world_model"
+    """'world_model': the paper's model (predict the video chunk, then decode its actions by inverse dynamics).
+    'reactive': the baseline of the world-modelling claim: the same MoT, data and steps, but the action chunk is
+    predicted from the observed history alone (no video prediction, no L_dyn / L_fdm)."""
     inv_loss_weight: float = 1.0
     """lambda in L = L_dyn + lambda * L_inv."""
     fdm_loss_weight: float = 0.0
@@ -108,6 +112,8 @@ class LingBotConfig:
                      "action_ffn_dim", "action_mlp_hidden", "action_channels", "tau", "chunk_size", "freq_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.objective not in ("world_model", "reactive"):
+            raise ValueError(f"objective must be 'world_model' or 'reactive', got {self.objective!r}")
         if self.action_init not in ("interpolate", "random"):
             raise ValueError(f"action_init must be 'interpolate' or 'random', got {self.action_init!r}")
         if not self.train_chunk_sizes or min(self.train_chunk_sizes) < 1:

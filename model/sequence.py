@@ -99,7 +99,8 @@ def build_training_sequence(model, batch: dict, generator: torch.Generator | Non
         K = sizes[int(torch.randint(len(sizes), (1,), generator=generator))]
     if K < 1:
         raise ValueError(f"chunk_size must be >= 1, got {K}")
-    fdm = c.fdm_loss_weight > 0
+    reactive = c.objective == "reactive"
+    fdm = c.fdm_loss_weight > 0 and not reactive
     tokens_per_frame = (H // c.patch_size[1]) * (W // c.patch_size[2])
 
     # text dropout (CFG): the dropped instruction becomes the all-zero embedding the sampler uses as "null"
@@ -144,8 +145,12 @@ def build_training_sequence(model, batch: dict, generator: torch.Generator | Non
         ]
         a_parts = [
             (a, torch.ones(a.shape[0], device=dev), 2 * act_chunk + 1, CLEAN, apos, None),
-            (a_noisy, sa.flatten(), 2 * act_chunk + 1, NOISY, apos, eps_a - a),
+            # reactive: the noisy actions of chunk c see only the clean history before video chunk c (the FDM_ACT
+            # rule), i.e. the observations available when the chunk starts; no video is predicted
+            (a_noisy, sa.flatten(), 2 * act_chunk + 1, FDM_ACT if reactive else NOISY, apos, eps_a - a),
         ]
+        if reactive:
+            v_parts = v_parts[:1]
         if fdm:
             s_f = 1 - _shifted(rand(n_chunks + 1), c.video_shift)
             eps_f = randn_like(z[1:])

@@ -225,6 +225,8 @@ class Session:
             raise ValueError("observe() the initial frame before predict_chunk()")
         c = self.config
         K = chunk_size or self.chunk_size
+        if c.objective == "reactive":
+            return self._predict_actions_reactive(K)
         x, estimate = self._denoise_video(K, NOISY, [], None)
         rows_a = 2 if self.action_cfg != 1.0 else 1
         temp = _Entry(self._video(x, self.video_s_end, 2 * self.num_chunks, CLEAN, self.next_frame, rows_a), None,
@@ -239,6 +241,19 @@ class Session:
             a = a + (s1 - s0) * -self._guided(out_a.float(), self.action_cfg)[0]
         return estimate, a * self.action_mask.to(a.dtype)
 
+    def _predict_actions_reactive(self, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reactive baseline: the action chunk from the observed history alone; the video is empty (0 frames)."""
+        c = self.config
+        rows_a = 2 if self.action_cfg != 1.0 else 1
+        a = self._noise(K * c.tau, c.action_channels)
+        grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
+        for s0, s1 in itertools.pairwise(grid):
+            tok = self._action(a, s0, 2 * self.num_chunks + 1, FDM_ACT, self.next_frame - 1, rows_a)
+            _, out_a, _ = self._eval(None, tok, rows_a)
+            a = a + (s1 - s0) * -self._guided(out_a.float(), self.action_cfg)[0]
+        H, W = self.size
+        return torch.zeros(0, c.latent_channels, H, W, device=self.device), a * self.action_mask.to(a.dtype)
+
     @torch.no_grad()
     def imagine(self, actions: torch.Tensor, *, commit: bool = True) -> torch.Tensor:
         """Forward dynamics: the video chunk that executing ``actions`` (K*tau, A) from the current state yields.
@@ -248,6 +263,8 @@ class Session:
         """
         if self.num_chunks == 0:
             raise ValueError("observe() the initial frame before imagine()")
+        if self.config.objective == "reactive":
+            raise ValueError("a reactive model has no forward dynamics: imagine() (async mode) needs a world model")
         c = self.config
         if actions.ndim != 2 or actions.shape[0] % c.tau:
             raise ValueError(f"actions must be (K*tau, {c.action_channels}) with tau={c.tau}, got {tuple(actions.shape)}")

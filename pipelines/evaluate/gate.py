@@ -87,7 +87,7 @@ class GateSettings(BaseSettings):
 
 
 def _z(confidence: float, two_sided: bool) -> float:
-    if not 0.0 < confidence < 1.0 or math.isnan(confidence):
+    if not 0.0 < confidence < 1.0:  # NaN fails the comparison too
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     return NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0 if two_sided else confidence)
 

@@ -262,17 +262,21 @@ def _action_mask(given: Any, stats_mask: np.ndarray | None, default: np.ndarray 
 # Logging and registration
 
 
-def registered_name_for(stage: str, task: str | None = None) -> str:
-    """Registered model name of a training stage: ``lingbot-va-base`` (pretrain), ``lingbot-va-<task>`` (posttrain)."""
+def registered_name_for(stage: str, task: str | None = None, objective: str = "world_model") -> str:
+    """Registered model name of a training stage: ``lingbot-va-base`` (pretrain), ``lingbot-va-<task>`` (posttrain);
+    the reactive baseline's models get ``-reactive`` appended (``lingbot-va-<task>-reactive``)."""
+    if objective not in ("world_model", "reactive"):
+        raise ValueError(f"unknown objective {objective!r}")
+    suffix = "" if objective == "world_model" else "-reactive"
     if stage not in REGISTERED_NAMES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(REGISTERED_NAMES)}")
     if stage == "pretrain":
-        return REGISTERED_NAMES["pretrain"]
+        return REGISTERED_NAMES["pretrain"] + suffix
     if not task:
         raise ValueError("posttrain models are registered per task; task is missing")
     if not _TASK_NAME.match(task):
         raise ValueError(f"task {task!r} cannot name a registered model: use letters, digits, '_', '.' and '-'")
-    return REGISTERED_NAMES["posttrain"].format(task=task)
+    return REGISTERED_NAMES["posttrain"].format(task=task) + suffix
 
 
 def _pip_requirements() -> list[str]:
@@ -354,7 +358,7 @@ def resolve_model(model: str | Path, data_dir: Path) -> tuple[Path, str | None, 
     if not (target / "done").is_file():
         shutil.rmtree(target, ignore_errors=True)
         mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
-        (target / "done").write_text(mv.version)
+        (target / "done").write_text(str(mv.version))
     dirs = [p.parent for p in target.glob("artifacts/*/config.json")]
     if len(dirs) != 1:
         raise ValueError(f"{text} (version {mv.version}) holds {len(dirs)} model directories, expected one")

@@ -51,6 +51,8 @@ class TrainSettings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it")
     activation_checkpointing: bool = Field(False, description="recompute each MoT layer in backward")
     fdm_loss_weight: float | None = Field(None, ge=0.0, description="L_fdm weight (stage default: 0 / 1)")
+    objective: Literal["world_model", "reactive"] = Field(
+        "world_model", description="world_model (the paper) or reactive (the baseline: actions from observations only)")
     checkpoint_every: int = Field(100, ge=1, description="DeepSpeed checkpoint interval (steps)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
     val_every: int = Field(100, ge=1, description="validation interval (steps)")
@@ -83,7 +85,8 @@ class TrainSettings(BaseSettings):
 
     @property
     def run_name(self) -> str:
-        return "pretrain" if self.stage == "pretrain" else f"posttrain-{self.task}"
+        name = "pretrain" if self.stage == "pretrain" else f"posttrain-{self.task}"
+        return name if self.objective == "world_model" else f"{name}-reactive"
 
     @property
     def latents(self) -> Path:

@@ -55,10 +55,11 @@ def _all_mean(values: list[float]) -> list[float]:
 def _build_model(settings: TrainSettings, index: dict) -> LingBotVA:
     if settings.init_from is not None:
         model = LingBotVA.from_pretrained(settings.init_from)
-        model.config = model.config.replace(fdm_loss_weight=settings.fdm_loss_weight)
+        model.config = model.config.replace(fdm_loss_weight=settings.fdm_loss_weight, objective=settings.objective)
     else:
         torch.manual_seed(settings.seed)
-        model = LingBotVA(get_preset(settings.preset, fdm_loss_weight=settings.fdm_loss_weight))
+        model = LingBotVA(get_preset(settings.preset, fdm_loss_weight=settings.fdm_loss_weight,
+                                     objective=settings.objective))
     c = model.config
     if index["latent_channels"] != c.latent_channels or index["text_dim"] != c.text_dim:
         raise ValueError(f"latents have {index['latent_channels']} channels / text width {index['text_dim']}, the model "

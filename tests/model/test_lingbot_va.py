@@ -356,3 +356,36 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model.compute_loss(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- reactive baseline
+def test_reactive_baseline_predicts_actions_from_observed_history_only():
+    """The baseline of the world-modelling claim: same MoT, no video objective; a chunk's actions never see the
+    frames they cause (training) and inference needs no video denoising (the KV cache still equals recompute)."""
+    model = tiny_model(objective="reactive")
+    batch = {**tiny_batch(n=1, frames=9), "chunk_size": 2}  # chunks: 0 | 1-2 | 3-4 | 5-6 | 7-8
+    losses = model.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert losses["dyn"] == 0 and losses["inv"] > 0
+    seq = build_training_sequence(model, batch, torch.Generator().manual_seed(0))
+    assert not (seq.video.meta.kind == NOISY).any()  # no video is predicted
+    # perturbing video chunk 2 (frames 3, 4) must not change the noisy actions of chunk 2 (it is their outcome)
+    perturbed = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    perturbed["video"][:, 3:5] += torch.randn_like(perturbed["video"][:, 3:5])
+    outs = []
+    for b in (batch, perturbed):
+        s = build_training_sequence(model, b, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            outs.append(model.run(s.video, s.action, s.context, s.context_mask)[1])
+    chunk2 = (seq.action.meta.chunk[0] == 5) & (seq.action.meta.kind[0] == FDM_ACT)
+    later = (seq.action.meta.chunk[0] == 7) & (seq.action.meta.kind[0] == FDM_ACT)
+    assert chunk2.any() and (outs[0][0, chunk2] - outs[1][0, chunk2]).abs().max() <= 1e-6
+    assert (outs[0][0, later] - outs[1][0, later]).abs().max() > 1e-4  # later chunks do observe those frames
+    cached, recomputed = _rollout(model, True, chunks=3), _rollout(model, False, chunks=3)
+    for a, b in zip(cached, recomputed, strict=True):
+        assert a.shape == b.shape and (a.numel() == 0 or (a - b).abs().max().item() <= 1e-4)
+    assert cached[0].shape[0] == 0 and cached[1].shape == (16, 30)  # empty video, one action chunk
+    data = tiny_batch(n=1, frames=5, seed=1)
+    s = model.session(data["text"][0], data["action_mask"][0])
+    s.observe(data["video"][0, :1])
+    with pytest.raises(ValueError, match="no forward dynamics"):
+        s.imagine(data["actions"][0, :16])

@@ -5,47 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
+from model_dirs import TASK, write_model_dir
 
 from model import LingBotVA, get_preset
-from model.encoders import VideoVAE
-from model.normalization import ActionNormalizer
-from pipelines.data.embodiments import get_adapter
 from pipelines.evaluate.policy import ChunkPolicy
 from pipelines.evaluate.rollout import evaluate, run_episode, table
-
-TASK = "reach-v3"
-
-
-def write_model_dir(path: Path, *, nan: bool = False, seed: int = 0) -> Path:
-    """A self-contained tiny model directory like training writes (VAE, instruction embeddings, stats)."""
-    config = get_preset("tiny", chunk_size=2)
-    torch.manual_seed(seed)
-    model = LingBotVA(config)
-    if nan:
-        with torch.no_grad():
-            for p in model.action_out.parameters():
-                p.fill_(float("nan"))
-    adapter = get_adapter("metaworld-sawyer")
-    rng = np.random.default_rng(0)
-    state = np.column_stack([rng.uniform(-0.3, 0.3, 500), rng.uniform(0.4, 0.8, 500), rng.uniform(0.05, 0.3, 500),
-                             rng.uniform(0, 1, 500)])
-    unified = adapter.to_unified(rng.uniform(-1, 1, (500, 4)), state)
-    norm = ActionNormalizer.fit(unified)
-
-    def files(tmp: Path) -> None:
-        VideoVAE.small(latent_channels=config.latent_channels, base_dim=8, num_res_blocks=1, seed=0).save_pretrained(
-            tmp / "vae")
-        save_file({TASK: torch.randn(4, config.text_dim, generator=torch.Generator().manual_seed(1))},
-                  str(tmp / "text_embeddings.safetensors"))
-
-    space = {"embodiments": ["metaworld-sawyer"], "tasks": [TASK], "tau": config.tau,
-             "observation": {"cameras": ["corner4", "gripperPOV"], "latent_hw": [2, 4]}}
-    return model.save_pretrained(path, normalization={"action": norm.to_dict()}, action_space=space,
-                                 write_files=files)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,95 @@
+"""`lingbot evaluate` (closed-loop rollouts + the promotion gate) and `lingbot promote --rollback`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+QUICK_EPISODES = 5
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("evaluate", help="roll a model out in Meta-World and gate its promotion to champion")
+    ev.add_argument("--model", required=True, help="models:/lingbot-va-<task>@challenger, models:/<name>/<version> "
+                                                   "or a model directory")
+    ev.add_argument("--task", action="append", required=True, help="Meta-World task (repeat for several)")
+    ev.add_argument("--mode", choices=["sync", "async"], default="sync", help="Algorithm 1 (sync) or 2 (async, FDM)")
+    ev.add_argument("--episodes", type=int, default=50, help="episodes per task (one per goal position)")
+    ev.add_argument("--quick", action="store_true", help=f"{QUICK_EPISODES} episodes per task")
+    ev.add_argument("--workers", type=int, default=2, help="parallel environment processes")
+    ev.add_argument("--max-steps", type=int, default=None, help="episode horizon (default: the env's 500)")
+    ev.add_argument("--eval-seed", type=int, default=1, help="benchmark seed of the goal positions (demos use 0)")
+    ev.add_argument("--control-rate-hz", type=float, default=None, help="pace the env in real time (wall-time runs)")
+    ev.add_argument("--videos", type=int, default=1, help="rollout videos per task (real next to imagined)")
+    ev.add_argument("--out", type=Path, default=None, help="write the report JSON here (dvc metrics)")
+    ev.add_argument("--no-gate", dest="gate", action="store_false", help="report only; never touch the registry")
+    ev.add_argument("--data-dir", type=Path, default=None, help="data root (MLflow store, downloaded models)")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under the data dir)")
+    ev.set_defaults(func=evaluate_command)
+
+    pr = sub.add_parser("promote", help="move registry aliases by hand")
+    pr.add_argument("--rollback", action="store_true", required=True, help="restore previous-champion as champion")
+    who = pr.add_mutually_exclusive_group(required=True)
+    who.add_argument("--task", help="the task whose lingbot-va-<task> model to roll back")
+    who.add_argument("--name", help="registered model name")
+    pr.add_argument("--data-dir", type=Path, default=None)
+    pr.add_argument("--tracking-uri", default=None)
+    pr.set_defaults(func=promote_command)
+
+
+def _settings(args: argparse.Namespace):
+    from pipelines.evaluate.gate import GateSettings
+
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("tracking_uri", args.tracking_uri)) if v is not None}
+    return GateSettings(**overrides)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    import mlflow
+    from tqdm import tqdm
+
+    from pipelines.evaluate.rollout import evaluate, table
+    from pipelines.train.registry import resolve_model
+
+    settings = _settings(args)
+    mlflow.set_tracking_uri(settings.uri)
+    model_dir, name, version = resolve_model(args.model, settings.data_dir)
+    episodes = QUICK_EPISODES if args.quick else args.episodes
+    video_dir = settings.data_dir / "eval" / (f"{name}-v{version}" if name else Path(model_dir).name) / args.mode
+    bar = tqdm(total=episodes * len(args.task), desc=f"evaluate[{args.mode}]", unit="ep", disable=None)
+    report = evaluate(model_dir, args.task, episodes=episodes, mode=args.mode, eval_seed=args.eval_seed,
+                      workers=args.workers, max_steps=args.max_steps, control_rate_hz=args.control_rate_hz,
+                      videos_per_task=args.videos, video_dir=video_dir, progress=lambda _r: bar.update(1))
+    bar.close()
+    report.update(model_uri=str(args.model), registered_name=name, model_version=version)
+    print(table(report))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    if not args.gate or name is None:
+        print("gate skipped" + ("" if args.gate else " (--no-gate)") + (": not a registry model" if name is None else ""))
+        return 0
+    from pipelines.evaluate.gate import gate
+
+    videos = [Path(v) for t in report["tasks"].values() for v in t["videos"]]
+    decision = gate(report, settings, videos=videos)
+    verdict = "PASS: promoted to champion" if decision.passed else "FAIL: champion unchanged"
+    print(f"gate {name} v{version}: {verdict}")
+    for reason in decision.reasons:
+        print(f"  - {reason}")
+    return 0 if decision.passed else 1
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines.evaluate.gate import rollback
+    from pipelines.train.registry import registered_name_for
+
+    settings = _settings(args)
+    mlflow.set_tracking_uri(settings.uri)
+    name = args.name or registered_name_for("posttrain", args.task)
+    restored = rollback(mlflow.MlflowClient(), name)
+    print(f"{name}: champion is version {restored} again (the replaced one is now previous-champion)")
+    return 0
