@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 class LatentEpisodes:
     """Random access to the encoded episodes of one split (shards are memory-mapped, opened lazily)."""
 
-    def __init__(self, latents_dir: str | Path, split: str = "train", tasks: list[str] | None = None):
+    def __init__(self, latents_dir: str | Path, split: str = "train", tasks: list[str] | None = None,
+                 max_per_task: int | None = None):
         self.root = Path(latents_dir)
         index_file = self.root / "index.json"
         if not index_file.is_file():
@@ -30,6 +31,16 @@ class LatentEpisodes:
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         self.episodes = [e for e in self.index["episodes"] if (split == "all" or e["split"] == split)
                          and (tasks is None or e["task"] in tasks)]
+        if max_per_task is not None:  # the first N episodes of each task (low-data runs); deterministic
+            if max_per_task < 1:
+                raise ValueError(f"max_per_task must be >= 1, got {max_per_task}")
+            seen: dict[str, int] = {}
+            kept = []
+            for e in sorted(self.episodes, key=lambda e: (e["task"], e["dataset"], e["episode_index"])):
+                if seen.get(e["task"], 0) < max_per_task:
+                    seen[e["task"]] = seen.get(e["task"], 0) + 1
+                    kept.append(e)
+            self.episodes = sorted(kept, key=lambda e: e["id"])
         if not self.episodes:
             which = f" of tasks {tasks}" if tasks else ""
             raise ValueError(f"no {split} episodes{which} in {index_file}")
@@ -78,10 +89,11 @@ class PackedWindows(torch.utils.data.IterableDataset):
         fdm: bool = False,
         seed: int = 0,
         tasks: list[str] | None = None,
+        max_per_task: int | None = None,
     ):
         if token_budget <= 0 or rows < 1 or chunks_per_window < 1 or not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("token_budget, rows, chunks_per_window and chunk_sizes must be positive")
-        self.data = LatentEpisodes(latents_dir, split, tasks)
+        self.data = LatentEpisodes(latents_dir, split, tasks, max_per_task)
         self.chunk_sizes, self.chunks_per_window = tuple(chunk_sizes), chunks_per_window
         self.token_budget, self.rows, self.fdm, self.seed = token_budget, rows, fdm, seed
         hw = {tuple(e["latent_hw"]) for e in self.data.episodes}

@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--videos", type=int, default=1, help="rollout videos per task (real next to imagined)")
     ev.add_argument("--out", type=Path, default=None, help="write the report JSON here (dvc metrics)")
     ev.add_argument("--no-gate", dest="gate", action="store_false", help="report only; never touch the registry")
+    ev.add_argument("--no-fail", action="store_true",
+                    help="exit 0 when the gate rejects (the decision is in the report and MLflow); for pipelines")
     ev.add_argument("--data-dir", type=Path, default=None, help="data root (MLflow store, downloaded models)")
     ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under the data dir)")
     ev.set_defaults(func=evaluate_command)
@@ -64,21 +66,24 @@ def evaluate_command(args: argparse.Namespace) -> int:
     bar.close()
     report.update(model_uri=str(args.model), registered_name=name, model_version=version)
     print(table(report))
+    code = 0
+    if not args.gate or name is None:
+        print("gate skipped" + ("" if args.gate else " (--no-gate)") + (": not a registry model" if name is None else ""))
+    else:
+        from pipelines.evaluate.gate import gate
+
+        videos = [Path(v) for t in report["tasks"].values() for v in t["videos"]]
+        decision = gate(report, settings, videos=videos)
+        report["gate"] = {"passed": decision.passed, "reasons": list(decision.reasons)}
+        verdict = "PASS: promoted to champion" if decision.passed else "FAIL: champion unchanged"
+        print(f"gate {name} v{version}: {verdict}")
+        for reason in decision.reasons:
+            print(f"  - {reason}")
+        code = 0 if decision.passed or args.no_fail else 1
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
-    if not args.gate or name is None:
-        print("gate skipped" + ("" if args.gate else " (--no-gate)") + (": not a registry model" if name is None else ""))
-        return 0
-    from pipelines.evaluate.gate import gate
-
-    videos = [Path(v) for t in report["tasks"].values() for v in t["videos"]]
-    decision = gate(report, settings, videos=videos)
-    verdict = "PASS: promoted to champion" if decision.passed else "FAIL: champion unchanged"
-    print(f"gate {name} v{version}: {verdict}")
-    for reason in decision.reasons:
-        print(f"  - {reason}")
-    return 0 if decision.passed else 1
+    return code
 
 
 def promote_command(args: argparse.Namespace) -> int:

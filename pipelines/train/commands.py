@@ -22,6 +22,7 @@ _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_*
     "checkpoint_every": (int, "checkpoint interval"),
     "val_every": (int, "validation interval"),
     "seed": (int, "seed"),
+    "demos": (int, "train on the first N demos of each task (e.g. 10)"),
     "objective": (str, "world_model (default) | reactive (the baseline)"),
     "tracking_uri": (str, "MLflow tracking URI"),
     "max_steps_this_run": (int, "stop after this many steps (resume later)"),

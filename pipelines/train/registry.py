@@ -262,12 +262,14 @@ def _action_mask(given: Any, stats_mask: np.ndarray | None, default: np.ndarray 
 # Logging and registration
 
 
-def registered_name_for(stage: str, task: str | None = None, objective: str = "world_model") -> str:
+def registered_name_for(stage: str, task: str | None = None, objective: str = "world_model",
+                        demos: int | None = None) -> str:
     """Registered model name of a training stage: ``lingbot-va-base`` (pretrain), ``lingbot-va-<task>`` (posttrain);
-    the reactive baseline's models get ``-reactive`` appended (``lingbot-va-<task>-reactive``)."""
+    the reactive baseline's models get ``-reactive`` appended (``lingbot-va-<task>-reactive``) and low-data runs
+    ``-demos<N>``, so neither ever takes the ``challenger`` alias of the model the gate deploys."""
     if objective not in ("world_model", "reactive"):
         raise ValueError(f"unknown objective {objective!r}")
-    suffix = "" if objective == "world_model" else "-reactive"
+    suffix = ("" if objective == "world_model" else "-reactive") + ("" if demos is None else f"-demos{demos}")
     if stage not in REGISTERED_NAMES:
         raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(REGISTERED_NAMES)}")
     if stage == "pretrain":

@@ -51,6 +51,7 @@ class TrainSettings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs that support it")
     activation_checkpointing: bool = Field(False, description="recompute each MoT layer in backward")
     fdm_loss_weight: float | None = Field(None, ge=0.0, description="L_fdm weight (stage default: 0 / 1)")
+    demos: int | None = Field(None, ge=1, description="train on the first N demos of each task (low-data runs)")
     objective: Literal["world_model", "reactive"] = Field(
         "world_model", description="world_model (the paper) or reactive (the baseline: actions from observations only)")
     checkpoint_every: int = Field(100, ge=1, description="DeepSpeed checkpoint interval (steps)")
@@ -86,7 +87,8 @@ class TrainSettings(BaseSettings):
     @property
     def run_name(self) -> str:
         name = "pretrain" if self.stage == "pretrain" else f"posttrain-{self.task}"
-        return name if self.objective == "world_model" else f"{name}-reactive"
+        name = name if self.objective == "world_model" else f"{name}-reactive"
+        return name if self.demos is None else f"{name}-demos{self.demos}"
 
     @property
     def latents(self) -> Path:

@@ -132,7 +132,8 @@ class Tracker:
 
         self.mlflow.log_artifact(str(model_dir / "config.json"), "model_dir")
         if self.settings.register_model:
-            name = registered_name_for(self.settings.stage, self.settings.task, self.settings.objective)
+            name = registered_name_for(self.settings.stage, self.settings.task, self.settings.objective,
+                                       self.settings.demos)
             version = log_and_register(model_dir, registered_name=name, alias="challenger")
             self.mlflow.set_tag("registered_model", f"{name}/{version}")
 

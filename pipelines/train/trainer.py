@@ -110,7 +110,7 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool | Non
     tasks = [settings.task] if settings.stage == "posttrain" else None
     fdm = settings.fdm_loss_weight > 0
     loader = PackedWindows(settings.latents, "train", token_budget=settings.token_budget, rows=settings.rows, fdm=fdm,
-                           seed=settings.seed, tasks=tasks)
+                           seed=settings.seed, tasks=tasks, max_per_task=settings.demos)
     try:
         val_loader = PackedWindows(settings.latents, "val", token_budget=settings.token_budget, rows=settings.rows,
                                    fdm=fdm, seed=settings.seed, tasks=tasks)

@@ -1,4 +1,4 @@
-"""`dvc repro` of collect -> prepare -> encode on a copy of the project, a no-op rerun, and push/pull to S3 (moto)."""
+"""`dvc repro` of the whole DAG (collect -> ... -> evaluate) on a copy of the project, a no-op rerun, and push/pull to S3 (moto)."""
 
 import os
 import shutil
@@ -34,6 +34,7 @@ def project(tmp_path_factory):
     params["prepare"]["preset"] = params["encode"]["preset"] = params["pretrain"]["preset"] = "tiny"
     params["pretrain"].update(steps=2, nproc=1)
     params["posttrain"].update(tasks=["reach-v3"], steps=2, nproc=1)
+    params["evaluate"].update(episodes=1, workers=1, max_steps=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
@@ -44,12 +45,15 @@ def project(tmp_path_factory):
 
 
 def test_repro_builds_every_stage(project):
-    root, _, out = project
-    for stage in ("collect", "prepare", "encode", "pretrain", "posttrain@reach-v3"):
+    root, env, out = project
+    for stage in ("collect", "prepare", "encode", "pretrain", "posttrain@reach-v3", "evaluate@reach-v3"):
         assert f"'{stage}'" in out
     assert (root / "data" / "latents" / "index.json").is_file()
     assert (root / "data" / "runs" / "posttrain-reach-v3" / "model" / "config.json").is_file()
     assert (root / "dvc.lock").is_file()
+    # the gate's decision is a metric users read with `dvc metrics show` (2 training steps never pass the gate)
+    shown = run(["dvc", "metrics", "show", "--json"], root, env)
+    assert "eval-reach-v3.json" in shown and "avg_success" in shown
 
 
 def test_second_repro_is_a_no_op(project):

@@ -77,3 +77,14 @@ def test_bad_arguments(latents_dir, tmp_path):
         LatentEpisodes(latents_dir, "test")
     with pytest.raises(ValueError, match="too small"):
         PackedWindows(latents_dir, token_budget=10).sample(np.random.default_rng(0))
+
+
+def test_max_per_task_keeps_the_first_demos_of_each_task(latents_dir):
+    """Low-data runs (e.g. 10 demos per task) train on a fixed, deterministic subset."""
+    data = LatentEpisodes(latents_dir, "train", max_per_task=3)
+    by_task = {}
+    for e in data.episodes:
+        by_task.setdefault(e["task"], []).append(e["episode_index"])
+    assert by_task == {"small-set": [1], "large-set": [1, 2, 3]}
+    with pytest.raises(ValueError, match="max_per_task"):
+        LatentEpisodes(latents_dir, "train", max_per_task=0)

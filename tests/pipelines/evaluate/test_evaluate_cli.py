@@ -67,6 +67,10 @@ def test_gate_threshold_blocks_a_model_below_min_success(registry, capsys):
     code, out, _ = evaluate(registry, capsys)  # default min_success 0.5; an untrained model succeeds 0 times
     assert code == 1 and "min" in out.lower()
     assert "champion" not in aliases() and aliases()["challenger"] == v1
+    # pipelines (dvc evaluate@task) keep going on a rejection; the decision is in the report, the registry unchanged
+    code, _, report = evaluate(registry, capsys, "--no-fail")
+    assert code == 0 and report["gate"]["passed"] is False and report["gate"]["reasons"]
+    assert "champion" not in aliases()
 
 
 def test_bad_model_uri_is_a_clear_error(registry, capsys):

@@ -199,6 +199,13 @@ def test_registered_name_for(stage, task, name):
         assert registered_name_for(stage, task) == name
 
 
+def test_baseline_and_low_data_models_never_share_the_deployed_name():
+    names = {registered_name_for("posttrain", "reach-v3", objective, demos)
+             for objective in ("world_model", "reactive") for demos in (None, 10)}
+    assert names == {"lingbot-va-reach-v3", "lingbot-va-reach-v3-reactive", "lingbot-va-reach-v3-demos10",
+                     "lingbot-va-reach-v3-reactive-demos10"}
+
+
 def test_flatten_params():
     flat = flatten_params({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2], "f": (3,), "g": {}, "h": "x" * 7000,
                            "i": True}, "p.")

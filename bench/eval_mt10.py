@@ -1,0 +1,96 @@
+"""MT10 closed-loop success: the world model vs the reactive baseline, and async vs sync (not a test).
+
+Reads the post-trained model directories of `make train` (data/runs/posttrain-<task>/model) and of
+`bench/train_variants.sh` (posttrain-<task>-reactive: the reactive baseline; posttrain-<task>[-reactive]-demos10: both
+on 10 demos per task) and rolls each out in Meta-World with `pipelines.evaluate.rollout.evaluate` on held-out goal
+positions. Async vs sync runs the world model paced at the Sawyer's 80 Hz control rate, so the episode wall times are
+what a robot would see.
+Writes bench/results/eval_mt10.json (partial results are kept: a missing model is recorded as such).
+
+Usage: .venv/bin/python bench/eval_mt10.py [--episodes 10] [--max-steps 300] [--async-tasks reach-v3,push-v3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(model_dir: Path, task: str, **kw) -> dict:
+    from pipelines.evaluate.rollout import evaluate
+
+    r = evaluate(model_dir, [task], videos_per_task=0, **kw)
+    t = r["tasks"][task]
+    keep = ("episodes", "success_rate", "progress", "steps_to_success", "episode_wall_s", "plan_ms_p50",
+            "nan_episodes", "errors")
+    return {k: t[k] for k in keep}
+
+
+def summary(per_task: dict) -> dict:
+    rates = [v["success_rate"] for v in per_task.values()]
+    return {"avg_success": sum(rates) / len(rates) if rates else None,
+            "per_task": {k: v["success_rate"] for k, v in per_task.items()}, "detail": per_task}
+
+
+def main() -> None:
+    from pipelines.data.metaworld_collect import MT10
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=Path, default=REPO / "data" / "runs")
+    parser.add_argument("--tasks", default=",".join(MT10))
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--async-tasks", default="reach-v3,drawer-close-v3", help="tasks for async vs sync ('' = none)")
+    parser.add_argument("--async-episodes", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_mt10.json")
+    args = parser.parse_args()
+    tasks = [t for t in args.tasks.split(",") if t]
+    common = {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers}
+    result: dict = {"machine": f"{platform.machine()}, CPU", "episodes_per_task": args.episodes,
+                    "max_steps": args.max_steps, "eval_seed": 1, "mode": "sync", "demos_per_task": 50}
+    t0 = time.perf_counter()
+    variants = {"world_model": "", "baseline": "-reactive"}
+    low_data = {"world_model": "-demos10", "baseline": "-reactive-demos10"}
+    result["demos_10"] = {"demos_per_task": 10}
+    for key, suffix in [*variants.items(), *((f"demos_10.{k}", v) for k, v in low_data.items())]:
+        per_task, missing = {}, []
+        for task in tasks:
+            model_dir = args.runs / f"posttrain-{task}{suffix}" / "model"
+            if not (model_dir / "config.json").is_file():
+                missing.append(task)
+                continue
+            per_task[task] = run(model_dir, task, **common)
+            print(key, task, per_task[task]["success_rate"], flush=True)
+        entry = {**summary(per_task), "missing": missing}
+        if missing:
+            entry["status"] = f"no post-trained model for {len(missing)} of {len(tasks)} tasks under {args.runs}"
+        if key.startswith("demos_10."):
+            result["demos_10"][key.split(".", 1)[1]] = entry
+        else:
+            result[key] = entry
+    sync_async = {}
+    for task in [t for t in args.async_tasks.split(",") if t]:
+        model_dir = args.runs / f"posttrain-{task}" / "model"
+        if not (model_dir / "config.json").is_file():
+            continue
+        kw = {**common, "episodes": args.async_episodes, "control_rate_hz": 80.0}
+        sync_async[task] = {mode: run(model_dir, task, mode=mode, **kw) for mode in ("sync", "async")}
+        s, a = sync_async[task]["sync"], sync_async[task]["async"]
+        sync_async[task]["wall_time_speedup"] = s["episode_wall_s"] / a["episode_wall_s"]
+        print("async vs sync", task, json.dumps({m: sync_async[task][m]["success_rate"] for m in ("sync", "async")}),
+              round(sync_async[task]["wall_time_speedup"], 2), flush=True)
+    result["async_vs_sync"] = {"control_rate_hz": 80.0, "episodes_per_task": args.async_episodes, "per_task": sync_async}
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k].get("avg_success") for k in ("world_model", "baseline")}))
+
+
+if __name__ == "__main__":
+    main()
