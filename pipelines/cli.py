@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.evaluate.commands import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
+    from pipelines.cluster.commands import add_parser as add_render_parser
+
+    add_render_parser(sub)
 
     demo = sub.add_parser("demo", help="train a model briefly on synthetic data and sample an action chunk")
     demo.add_argument("--preset", default="tiny")

@@ -1,0 +1,113 @@
+"""Cluster settings (``LINGBOT_CLUSTER_...`` env vars and ``.env``): what `lingbot render` bakes into the manifests.
+
+Values a user changes per run (task, data version, preset, steps, image, MLflow URI) are also Argo parameters of the
+rendered workflows; everything else (sizes, placement, endpoints) is fixed at render time, so a change here is a
+reviewed diff of ``pipelines/*.yaml`` (`lingbot render --check` fails until it is rendered and committed).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class Toleration(BaseModel):
+    """One pod toleration (the fields of a Kubernetes ``Toleration``)."""
+
+    key: str
+    operator: str = Field("Exists", description="Exists or Equal")
+    value: str | None = None
+    effect: str | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute; None = all")
+
+
+class ClusterSettings(BaseSettings):
+    """Where the platform runs on Kubernetes and how big its jobs are."""
+
+    model_config = SettingsConfigDict(env_prefix="LINGBOT_CLUSTER_", env_file=".env", extra="ignore")
+
+    namespace: str = Field("lingbot", description="namespace of every rendered object")
+    registry: str = Field("ghcr.io/lingbot-va", description="container registry the images are pushed to")
+    tag: str = Field("0.1.0", description="image tag (the package version by default)")
+    service_account: str = Field("lingbot-va-pipeline", description="service account the workflows run as")
+    run_as_user: int = Field(10001, ge=1, description="non-root uid of the images' `lingbot` user")
+
+    # data: DVC reads dvc.lock from the git repo at the requested revision and the bytes from the S3 remote
+    git_repo: str = Field("https://github.com/lingbot-va/lingbot-va-platform.git", description="repo DVC reads")
+    data_version: str = Field("main", description="default git revision (branch, tag, sha) of the DVC data")
+    dvc_remote_url: str = Field("s3://lingbot-va/dvc", description="the DVC remote on the cluster's object store")
+    s3_endpoint: str = Field("http://minio.lingbot.svc.cluster.local:9000", description="S3 API endpoint")
+    s3_region: str = Field("us-east-1", description="S3 region (MinIO ignores it; boto3 needs one)")
+    s3_secret: str = Field("lingbot-va-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    mlflow_uri: str = Field("http://mlflow.lingbot.svc.cluster.local:5000", description="MLflow tracking URI")
+    env_configmap: str = Field("lingbot-va-env", description="ConfigMap with the non-secret endpoint variables")
+    storage_class: str | None = Field(None, description="ReadWriteMany storage class of shared volumes "
+                                                        "(None: the cluster default)")
+    workspace_size: str = Field("200Gi", description="per-run volume of a post-training workflow")
+
+    # GPU jobs
+    gpus_per_node: int = Field(8, ge=1, description="nvidia.com/gpu per training pod (one pod per node)")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of training pods")
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", effect="NoSchedule")],
+        description="tolerations of GPU pods (the NVIDIA device plugin's usual taint)")
+    cpu_per_gpu: int = Field(8, ge=1, description="CPU cores requested per GPU (data loading, DeepSpeed)")
+    memory_per_gpu_gi: int = Field(64, ge=1, description="memory requested per GPU (GiB)")
+    shm_size: str = Field("64Gi", description="/dev/shm of training pods (NCCL, data-loader workers)")
+
+    # post-training (pipelines/posttrain.yaml)
+    task: str = Field("reach-v3", description="default task of the post-training workflow")
+    posttrain_preset: str = Field("small", description="default model preset of post-training")
+    posttrain_steps: int = Field(300, ge=1, description="default post-training steps")
+    posttrain_nodes: int = Field(1, ge=1, description="pods of the post-training PyTorchJob (1 Master + N-1 Workers)")
+    posttrain_zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage of post-training")
+    eval_episodes: int = Field(50, ge=1, description="default episodes of the simulation gate")
+    eval_workers: int = Field(4, ge=1, description="parallel simulator processes of the gate")
+
+    # serving (the task's InferenceService on the robots' edge GPU nodes)
+    edge_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"platform.lingbot-va.io/node-pool": "edge-gpu"}, description="edge node labels")
+    edge_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="platform.lingbot-va.io/edge", effect="NoSchedule"),
+                                 Toleration(key="nvidia.com/gpu", effect="NoSchedule")],
+        description="taints of the edge GPU nodes the policy server tolerates")
+    serve_gpus: int = Field(1, ge=0, description="nvidia.com/gpu per policy-server pod")
+    serve_replicas: int = Field(1, ge=1, description="policy-server pods of the stable predictor")
+    serve_cpu: str = Field("4", description="CPU request of a policy-server pod")
+    serve_memory: str = Field("32Gi", description="memory request of a policy-server pod")
+    canary_percent: int = Field(10, ge=0, le=100, description="traffic share of the canary pods, restarted by every "
+                                                           "deployment so they load the new champion (0: dark)")
+
+    # pretraining (pipelines/pretrain.yaml)
+    pretrain_preset: str = Field("paper-5.3b", description="model preset of pretraining")
+    pretrain_steps: int = Field(100_000, ge=1, description="pretraining steps")
+    pretrain_nodes: int = Field(8, ge=1, description="pods (nodes) of the pretraining PyTorchJob")
+    pretrain_min_nodes: int = Field(4, ge=1, description="elastic lower bound of pretraining nodes")
+    pretrain_zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage of pretraining")
+    pretrain_checkpoint_every: int = Field(500, ge=1, description="DeepSpeed checkpoint interval (steps)")
+    pretrain_max_restarts: int = Field(10, ge=0, description="elastic restarts before the job fails")
+    encode_nodes: int = Field(4, ge=1, description="pods of the latent-encoding job (each encodes its ranks' share)")
+    data_volume: str = Field("lingbot-va-data", description="ReadWriteMany PVC of latents and pretraining runs")
+    data_volume_size: str = Field("20Ti", description="size of the data PVC")
+
+    @field_validator("namespace", "service_account", "env_configmap", "s3_secret", "data_volume")
+    @classmethod
+    def _dns_name(cls, value: str) -> str:
+        if not _DNS_LABEL.fullmatch(value) or len(value) > 63:
+            raise ValueError(f"{value!r} is not a DNS-1123 label (lower-case alphanumerics and '-', <= 63)")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task_slug(cls, value: str) -> str:
+        # the task ends up in object names (lingbot-va-<task>) and label values
+        if not _DNS_LABEL.fullmatch(value) or len(value) > 40:
+            raise ValueError(f"task {value!r} must be a lower-case slug (a-z, 0-9, '-'; <= 40 characters)")
+        return value
+
+    def image(self, name: str) -> str:
+        """Full reference of one of the platform images (``IMAGES`` in ``pipelines.cluster.images``)."""
+        return f"{self.registry}/{name}:{self.tag}"

@@ -1,0 +1,564 @@
+"""Offline validation of Kubernetes manifests: what the API server and the admission webhooks would reject.
+
+Three layers, every problem reported (not just the first), each naming ``Kind/name``, the field path and the cause:
+
+* built-in kinds (ConfigMap, Job, Deployment, Role, ...) against the Kubernetes OpenAPI schemas bundled with
+  ``kubernetes-validate``, in strict mode (unknown fields rejected), for ``KUBERNETES_VERSION``;
+* custom resources against the ``openAPIV3Schema`` of their CRD (``../shared/crds``), made strict: an object whose
+  properties are listed rejects any other field unless ``x-kubernetes-preserve-unknown-fields`` is set (the API server
+  would silently prune them, which hides typos), and ``metadata`` is checked as a Kubernetes ``ObjectMeta``;
+* the admission rules the schemas do not encode (``admission_problems``): PyTorchJob (training-operator webhook),
+  InferenceService (KServe; edge placement needs Standard mode; ``spec.canary`` rules), Argo Workflow /
+  WorkflowTemplate (template references and parameter references resolve). The manifests inside Argo ``resource``
+  templates are validated too, with ``{{...}}`` placeholders replaced by the parameters' defaults.
+
+    problems = validate_documents(load_documents(Path("pipelines/posttrain.yaml")))
+    assert not problems, "\\n".join(problems)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.resources
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+
+from pipelines.settings import REPO_ROOT
+
+KUBERNETES_VERSION = "1.30"
+"""Kubernetes version whose OpenAPI schemas built-in kinds are checked against (bundled by kubernetes-validate)."""
+
+DEFAULT_CRDS_DIR = REPO_ROOT.parent / "shared" / "crds"
+"""Where the upstream CRDs (PyTorchJob, InferenceService, Workflow) are kept as data, beside the project root."""
+
+DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+"""KServe's per-InferenceService deployment-mode annotation (pkg/constants: ``DeploymentMode``)."""
+STANDARD_MODE = "Standard"
+"""KServe >= 0.15 name of plain Deployment + Service mode; ``RawDeployment`` is its deprecated alias."""
+LEGACY_STANDARD_MODE = "RawDeployment"
+
+PLACEMENT_LABEL = "platform.lingbot-va.io/placement"
+"""Label marking where a workload is meant to run; ``edge`` = the robots' edge GPU nodes."""
+EDGE_PLACEMENT = "edge"
+
+_CRD_OBJECTMETA_REF = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_MESSAGE_LIMIT = 300  # jsonschema repeats whole sub-documents in messages; a line should stay readable
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def load_documents(path: Path) -> list[dict]:
+    """The non-empty YAML documents of a manifest file (``---`` separated)."""
+    return [doc for doc in yaml.safe_load_all(Path(path).read_text()) if doc]
+
+
+def find_crds_dir(crds_dir: Path | None = None) -> Path | None:
+    """``crds_dir`` (or ``DEFAULT_CRDS_DIR``) if it exists, else None (callers skip custom-resource checks)."""
+    path = Path(crds_dir) if crds_dir is not None else DEFAULT_CRDS_DIR
+    return path if path.is_dir() else None
+
+
+def load_crd_schemas(crds_dir: Path) -> dict[tuple[str, str], dict]:
+    """``{(apiVersion, kind): strict JSON schema}`` for every served version of every CRD in ``crds_dir/*.yaml``.
+
+    A WorkflowTemplate gets the Workflow schema when no CRD of its own is present (its ``spec`` is a WorkflowSpec).
+    Raises ``ValueError`` when the folder is missing or holds no CRD.
+    """
+    return dict(_load_crd_schemas(str(Path(crds_dir).resolve())))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_crd_schemas(crds_dir: str) -> dict[tuple[str, str], dict]:
+    folder = Path(crds_dir)
+    if not folder.is_dir():
+        raise ValueError(f"CRD folder {folder} does not exist")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes; the C loader is 10x faster
+    schemas: dict[tuple[str, str], dict] = {}
+    for file in sorted(folder.glob("*.yaml")):
+        for doc in yaml.load_all(file.read_text(), Loader=loader):
+            if not doc or doc.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = doc["spec"]["group"], doc["spec"]["names"]["kind"]
+            for version in doc["spec"]["versions"]:
+                if version.get("served", True) and "schema" in version:
+                    schemas[(f"{group}/{version['name']}", kind)] = _strict_root(version["schema"]["openAPIV3Schema"])
+    if not schemas:
+        raise ValueError(f"no CustomResourceDefinition found in {folder}/*.yaml")
+    workflow = schemas.get(("argoproj.io/v1alpha1", "Workflow"))
+    if workflow is not None and ("argoproj.io/v1alpha1", "WorkflowTemplate") not in schemas:
+        template = copy.deepcopy(workflow)
+        template["properties"].pop("status", None)
+        schemas[("argoproj.io/v1alpha1", "WorkflowTemplate")] = template
+    return schemas
+
+
+def _strict_root(schema: dict) -> dict:
+    root = _strict(schema)
+    # The API server validates every CR's metadata as ObjectMeta whatever the CRD says ({type: object} here).
+    root.setdefault("properties", {})["metadata"] = {"$ref": _CRD_OBJECTMETA_REF}
+    return root
+
+
+def _strict(node: Any) -> Any:
+    """A copy of an OpenAPI v3 structural schema that rejects unknown fields and accepts ``nullable`` nulls."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: v for k, v in node.items() if k not in ("properties", "items", "additionalProperties", "anyOf", "allOf",
+                                                       "oneOf", "not")}
+    if out.pop("nullable", False) and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if "properties" in node:
+        out["properties"] = {key: _strict(value) for key, value in node["properties"].items()}
+    for key in ("items", "not"):
+        if key in node:
+            out[key] = _strict(node[key])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in node:
+            out[key] = [_strict(sub) for sub in node[key]]
+    if "additionalProperties" in node:
+        out["additionalProperties"] = _strict(node["additionalProperties"])
+    elif (node.get("type") == "object" or "properties" in node) and not node.get("x-kubernetes-preserve-unknown-fields"):
+        # What the API server would prune silently is a mistake in a rendered manifest: reject it.
+        out["additionalProperties"] = False
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- validators
+@functools.lru_cache(maxsize=1)
+def _kubernetes_schema_dir() -> Any:
+    root = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+    wanted = tuple(int(x) for x in KUBERNETES_VERSION.split("."))
+    versions = sorted((tuple(int(x) for x in entry.name[1:].split("-")[0].split(".")[:2]), entry.name)
+                      for entry in root.iterdir() if entry.name.endswith("-local-strict"))
+    usable = [name for version, name in versions if version <= wanted]
+    if not usable:
+        raise ValueError(f"kubernetes-validate bundles no schemas for Kubernetes <= {KUBERNETES_VERSION}")
+    return root / usable[-1]
+
+
+@functools.lru_cache(maxsize=1)
+def _kubernetes_registry() -> Registry:
+    definitions = json.loads((_kubernetes_schema_dir() / "_definitions.json").read_text())
+    return Resource.from_contents(definitions) @ Registry()
+
+
+@functools.lru_cache(maxsize=64)
+def _builtin_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
+    # kubernetes-validate's file naming: rbac.authorization.k8s.io/v1 -> rbac-v1, apps/v1 -> apps-v1, v1 -> v1
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    file = _kubernetes_schema_dir() / f"{kind.lower()}-{group_version}.json"
+    if not file.is_file():
+        return None
+    schema = json.loads(file.read_text())
+    return jsonschema.Draft202012Validator(schema, registry=_kubernetes_registry())
+
+
+@functools.lru_cache(maxsize=16)
+def _crd_validator(crds_dir: str, api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
+    schema = _load_crd_schemas(crds_dir).get((api_version, kind))
+    if schema is None:
+        return None
+    # OpenAPI v3.0 schemas are JSON Schema draft-4 flavoured; ObjectMeta comes from the Kubernetes definitions.
+    return jsonschema.Draft4Validator(schema, registry=_kubernetes_registry())
+
+
+def _where(doc: Mapping) -> str:
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
+    name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "<no name>")
+    return f"{doc.get('kind', '<no kind>')}/{name}"
+
+
+def _path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _shorten(message: str) -> str:
+    return message if len(message) <= _MESSAGE_LIMIT else message[: _MESSAGE_LIMIT - 3] + "..."
+
+
+def _schema_problems(validator: jsonschema.protocols.Validator, doc: Mapping, where: str) -> list[str]:
+    problems = []
+    for error in sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
+        problems.append(f"{where}: {_path(error.absolute_path)}: {_shorten(error.message)}")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------------ entry point
+def validate_documents(docs: list[dict], *, crds_dir: Path | None = None) -> list[str]:
+    """Every problem found in ``docs`` (schema, unknown fields, admission rules); an empty list means valid.
+
+    ``crds_dir`` defaults to ``DEFAULT_CRDS_DIR``; a custom resource whose CRD is not there is reported as a problem
+    (use ``find_crds_dir`` to skip where the folder is absent). Each problem reads ``Kind/name: field.path: cause``.
+    """
+    folder = find_crds_dir(crds_dir)
+    missing = None if folder is not None else Path(crds_dir) if crds_dir is not None else DEFAULT_CRDS_DIR
+    problems: list[str] = []
+    for index, doc in enumerate(docs):
+        if not isinstance(doc, Mapping):
+            problems.append(f"document {index}: not a mapping but {type(doc).__name__}")
+            continue
+        problems += _validate_one(doc, folder, docs, prefix="", missing=missing)
+    return problems
+
+
+def _validate_one(doc: Mapping, crds_dir: Path | None, docs: list[dict], prefix: str,
+                  missing: Path | None = None) -> list[str]:
+    where = prefix + _where(doc)
+    api_version, kind = doc.get("apiVersion"), doc.get("kind")
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return [f"{where}: apiVersion and kind are required strings"]
+    validator = _builtin_validator(api_version, kind)
+    if validator is None and crds_dir is not None:
+        validator = _crd_validator(str(crds_dir.resolve()), api_version, kind)
+    if validator is None:
+        known = f"Kubernetes {KUBERNETES_VERSION} built-ins" + (f" and the CRDs in {crds_dir}" if crds_dir else
+                                                                  f" (no CRD folder at {missing})")
+        return [f"{where}: no schema for {kind} {api_version} among {known}"]
+    problems = _schema_problems(validator, doc, where)
+    problems += [prefix + p for p in admission_problems(doc, context=docs)]
+    if kind in ("Workflow", "WorkflowTemplate") and api_version.startswith("argoproj.io/"):
+        for template_name, manifest_index, embedded in embedded_manifests(doc, docs):
+            inner = f"{where}: templates[{template_name}].resource.manifest[{manifest_index}]: "
+            if isinstance(embedded, str):  # a parse error
+                problems.append(inner + embedded)
+            else:
+                problems += _validate_one(embedded, crds_dir, docs, prefix=inner, missing=missing)
+    return problems
+
+
+# -------------------------------------------------------------------------------------------------------- admission
+def admission_problems(doc: Mapping, *, context: list[dict] | None = None) -> list[str]:
+    """What the API server's name rules and the webhooks would reject that the OpenAPI schemas let through.
+
+    ``context`` is the other documents applied together (a Workflow's ``workflowTemplateRef`` / ``templateRef``
+    resolve against the WorkflowTemplates among them; references to templates elsewhere are not checked).
+    """
+    where = _where(doc)
+    problems = [f"{where}: {p}" for p in _metadata_problems(doc)]
+    kind = doc.get("kind")
+    if kind == "PyTorchJob":
+        problems += [f"{where}: {p}" for p in _pytorchjob_problems(doc)]
+    elif kind == "InferenceService":
+        problems += [f"{where}: {p}" for p in _inferenceservice_problems(doc)]
+    elif kind in ("Workflow", "WorkflowTemplate"):
+        problems += [f"{where}: {p}" for p in _workflow_problems(doc, context or [])]
+    return problems
+
+
+def _metadata_problems(doc: Mapping) -> Iterator[str]:
+    meta = doc.get("metadata")
+    if not isinstance(meta, Mapping):
+        yield "metadata: required"
+        return
+    name, generate = meta.get("name"), meta.get("generateName")
+    if not name and not generate:
+        yield "metadata.name: required (or metadata.generateName)"
+    if isinstance(name, str) and name and (len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name)):
+        yield f"metadata.name: {name!r} is not a DNS-1123 subdomain (lower-case alphanumerics, '-', '.'; <= 253)"
+    if isinstance(generate, str) and generate and not _DNS1123_SUBDOMAIN.match(generate.rstrip("-") or "x"):
+        yield f"metadata.generateName: {generate!r} is not a DNS-1123 subdomain prefix"
+    for key, value in (meta.get("labels") or {}).items():
+        prefix, _, label = str(key).rpartition("/")
+        if (prefix and not _DNS1123_SUBDOMAIN.match(prefix)) or len(label) > 63 or not _LABEL_NAME.match(label):
+            yield f"metadata.labels: key {key!r} is not a valid label key"
+        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+            yield f"metadata.labels.{key}: value {value!r} is not a valid label value (<= 63, alphanumerics, -_.)"
+
+
+def _dns1035(name: Any) -> bool:
+    return isinstance(name, str) and len(name) <= 63 and bool(_DNS1035_LABEL.match(name))
+
+
+def _pytorchjob_problems(doc: Mapping) -> Iterator[str]:
+    """kubeflow/training-operator v1.9 ``validatePyTorchJob``, plus: a Master is required (torchrun rendezvous)."""
+    name = (doc.get("metadata") or {}).get("name")
+    if name is not None and not _dns1035(name):
+        yield f"metadata.name: {name!r} is not a DNS-1035 label (starts with a letter; a-z, 0-9, '-'; <= 63)"
+    spec = doc.get("spec") if isinstance(doc.get("spec"), Mapping) else {}
+    replicas = spec.get("pytorchReplicaSpecs") if isinstance(spec.get("pytorchReplicaSpecs"), Mapping) else {}
+    if not replicas:
+        yield "spec.pytorchReplicaSpecs: must define a Master (and optionally Workers)"
+    if spec.get("elasticPolicy") is not None:
+        if "Worker" not in replicas:
+            yield "spec.pytorchReplicaSpecs.Worker: must be configured if an elastic policy is used"
+        if (spec.get("elasticPolicy") or {}).get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
+            yield "spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode"
+    if replicas and "Master" not in replicas:
+        yield "spec.pytorchReplicaSpecs.Master: required (exactly one Master: torchrun's rendezvous endpoint)"
+    for rtype, rspec in replicas.items():
+        path = f"spec.pytorchReplicaSpecs.{rtype}"
+        if rtype not in ("Master", "Worker"):
+            yield f"{path}: replica type must be Master or Worker"
+        if not isinstance(rspec, Mapping):
+            continue
+        count = rspec.get("replicas")
+        if rtype == "Master" and count != 1:
+            yield f"{path}.replicas: must be 1 (got {count!r})"
+        elif rtype != "Master" and count is not None and isinstance(count, int) and count < 1:
+            yield f"{path}.replicas: must be at least 1 (got {count})"
+        containers = ((rspec.get("template") or {}).get("spec") or {}).get("containers") or []
+        if not containers:
+            yield f"{path}.template.spec.containers: must not be empty"
+        elif not any(isinstance(c, Mapping) and c.get("name") == "pytorch" for c in containers):
+            yield f"{path}.template.spec.containers: there is no container named 'pytorch' (the operator's default)"
+        for i, container in enumerate(containers):
+            if isinstance(container, Mapping) and not container.get("image"):
+                yield f"{path}.template.spec.containers[{i}].image: required"
+
+
+def _inferenceservice_problems(doc: Mapping) -> Iterator[str]:
+    """KServe's validating webhook (name, canary) and the platform's edge rule (Standard mode on edge nodes)."""
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
+    name = meta.get("name")
+    if name is not None and not _dns1035(name):
+        yield f"metadata.name: {name!r} is not a DNS-1035 label (starts with a letter; a-z, 0-9, '-'; <= 63)"
+    mode = (meta.get("annotations") or {}).get(DEPLOYMENT_MODE_ANNOTATION)
+    spec = doc.get("spec") if isinstance(doc.get("spec"), Mapping) else {}
+    predictor = spec.get("predictor") if isinstance(spec.get("predictor"), Mapping) else {}
+    if (meta.get("labels") or {}).get(PLACEMENT_LABEL) == EDGE_PLACEMENT:
+        if mode != STANDARD_MODE:
+            hint = f" ({LEGACY_STANDARD_MODE!r} is its deprecated alias)" if mode == LEGACY_STANDARD_MODE else ""
+            yield (f"metadata.annotations.{DEPLOYMENT_MODE_ANNOTATION}: an edge InferenceService must run in "
+                   f"{STANDARD_MODE!r} mode (plain Deployment, no Knative on robots' nodes), got {mode!r}{hint}")
+        if not predictor.get("nodeSelector"):
+            yield "spec.predictor.nodeSelector: an edge InferenceService must select the edge GPU nodes"
+        if not predictor.get("tolerations"):
+            yield "spec.predictor.tolerations: an edge InferenceService must tolerate the edge nodes' taints"
+    canaries = spec.get("canary") or []
+    if canaries and mode not in (STANDARD_MODE, LEGACY_STANDARD_MODE):
+        yield f"spec.canary: only supported in {STANDARD_MODE!r} mode (annotation {DEPLOYMENT_MODE_ANNOTATION})"
+    if canaries and predictor.get("canaryTrafficPercent") is not None:
+        yield "spec.predictor.canaryTrafficPercent: cannot be combined with spec.canary"
+    names, total = [predictor.get("name")], 0
+    for i, canary in enumerate(canaries if isinstance(canaries, list) else []):
+        if not isinstance(canary, Mapping):
+            continue
+        cpred = canary.get("predictor") if isinstance(canary.get("predictor"), Mapping) else {}
+        cname = cpred.get("name")
+        if not cname:
+            yield f"spec.canary[{i}].predictor.name: required (it names the canary's Deployment)"
+        elif cname in names:
+            yield f"spec.canary[{i}].predictor.name: {cname!r} is not unique"
+        names.append(cname)
+        total += canary.get("trafficPercent") if isinstance(canary.get("trafficPercent"), int) else 0
+        for field in ("autoScaling", "scaleMetric", "scaleMetricType", "scaleTarget"):
+            if field in cpred:
+                yield f"spec.canary[{i}].predictor.{field}: autoscaling fields are not allowed on a canary"
+    if total > 100:
+        yield f"spec.canary: trafficPercent values sum to {total} > 100"
+
+
+# ------------------------------------------------------------------------------------------------------------ Argo
+_TEMPLATE_TYPES = ("container", "script", "dag", "steps", "resource", "suspend", "data", "http", "plugin",
+                   "containerSet")
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+
+
+def _templates_of(doc: Mapping) -> dict[str, dict]:
+    templates = ((doc.get("spec") or {}).get("templates")) or []
+    return {t["name"]: t for t in templates if isinstance(t, Mapping) and isinstance(t.get("name"), str)}
+
+
+def _find_workflow_template(docs: list[dict], name: str | None) -> Mapping | None:
+    for doc in docs:
+        if isinstance(doc, Mapping) and doc.get("kind") == "WorkflowTemplate" and \
+                (doc.get("metadata") or {}).get("name") == name:
+            return doc
+    return None
+
+
+def _effective_spec(doc: Mapping, docs: list[dict]) -> tuple[dict, dict[str, dict], dict[str, dict]] | None:
+    """(spec, templates by name, workflow parameters by name) with a workflowTemplateRef merged in; None if the
+    referenced WorkflowTemplate is not among ``docs`` (then nothing can be checked offline)."""
+    spec = dict(doc.get("spec") or {})
+    params = {p["name"]: dict(p) for p in (spec.get("arguments") or {}).get("parameters") or [] if "name" in p}
+    templates = _templates_of(doc)
+    ref = spec.get("workflowTemplateRef")
+    if isinstance(ref, Mapping):
+        base = _find_workflow_template(docs, ref.get("name"))
+        if base is None or ref.get("clusterScope"):
+            return None
+        base_spec = base.get("spec") or {}
+        merged = {p["name"]: dict(p) for p in (base_spec.get("arguments") or {}).get("parameters") or []}
+        for name, param in params.items():  # the Workflow's values override the template's defaults
+            merged[name] = {**merged.get(name, {}), **param}
+        params, templates = merged, {**_templates_of(base), **templates}
+        spec = {**base_spec, **{k: v for k, v in spec.items() if k != "workflowTemplateRef"}}
+    return spec, templates, params
+
+
+def _workflow_problems(doc: Mapping, docs: list[dict]) -> Iterator[str]:
+    """Argo's own lint: template types, references (entrypoint, steps, DAG tasks, onExit) and parameter references."""
+    effective = _effective_spec(doc, docs)
+    if effective is None:
+        return  # its WorkflowTemplate lives in the cluster: nothing to resolve offline
+    spec, templates, params = effective
+    names = [t.get("name") for t in (doc.get("spec") or {}).get("templates") or [] if isinstance(t, Mapping)]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        yield f"spec.templates: template name {dup!r} is defined more than once"
+    entry = spec.get("entrypoint")
+    if entry is None and doc.get("kind") == "Workflow":
+        yield "spec.entrypoint: required (the template the Workflow starts with)"
+    elif entry is not None and entry not in templates:
+        yield f"spec.entrypoint: template {entry!r} does not exist"
+    if spec.get("onExit") is not None and spec["onExit"] not in templates:
+        yield f"spec.onExit: template {spec['onExit']!r} does not exist"
+    if doc.get("kind") == "Workflow":
+        for name, param in params.items():
+            if "value" not in param and "valueFrom" not in param:
+                yield f"spec.arguments.parameters[{name}]: no value (the Workflow must supply one)"
+    for tname, template in _templates_of(doc).items():
+        yield from _template_problems(tname, template, templates, params, docs)
+
+
+def _template_problems(tname: str, template: Mapping, templates: Mapping[str, dict], params: Mapping[str, dict],
+                       docs: list[dict]) -> Iterator[str]:
+    path = f"spec.templates[{tname}]"
+    kinds = [k for k in _TEMPLATE_TYPES if template.get(k) is not None]
+    if len(kinds) != 1:
+        yield f"{path}: must have exactly one template type ({', '.join(_TEMPLATE_TYPES)}), has {kinds or 'none'}"
+    inputs = {p.get("name"): p for p in (template.get("inputs") or {}).get("parameters") or []}
+    calls: list[tuple[str, Mapping]] = []
+    if isinstance(template.get("steps"), list):
+        step_names = set()
+        for g, group in enumerate(template["steps"]):
+            for s, step in enumerate(group if isinstance(group, list) else []):
+                calls.append((f"{path}.steps[{g}][{s}]", step))
+                step_names.add(step.get("name"))
+        for ref in _references(template, "steps"):
+            if ref not in step_names:
+                yield f"{path}: '{{{{steps.{ref}...}}}}' refers to no step of this template"
+    dag = template.get("dag")
+    if isinstance(dag, Mapping):
+        task_names = {t.get("name") for t in dag.get("tasks") or []}
+        for t, task in enumerate(dag.get("tasks") or []):
+            calls.append((f"{path}.dag.tasks[{t}]", task))
+            if task.get("depends") and task.get("dependencies"):
+                yield f"{path}.dag.tasks[{t}]: cannot use both 'depends' and 'dependencies'"
+            wanted = list(task.get("dependencies") or [])
+            wanted += re.findall(r"[A-Za-z0-9_-]+(?=\.|\s|\)|$)", re.sub(r"\.[A-Za-z]+", " ", task.get("depends") or ""))
+            for dep in wanted:
+                if dep not in task_names and dep not in ("&&", "||"):
+                    yield f"{path}.dag.tasks[{t}]: dependency {dep!r} is not a task of this DAG"
+        for ref in _references(template, "tasks"):
+            if ref not in task_names:
+                yield f"{path}: '{{{{tasks.{ref}...}}}}' refers to no task of this DAG"
+    for where, call in calls:
+        yield from _call_problems(where, call, templates, docs)
+    for ref in _references(template, "inputs.parameters"):
+        if ref not in inputs:
+            yield f"{path}: '{{{{inputs.parameters.{ref}}}}}' is not an input parameter of this template"
+    for ref in _references(template, "workflow.parameters"):
+        if ref not in params:
+            yield f"{path}: '{{{{workflow.parameters.{ref}}}}}' is not a workflow parameter"
+
+
+def _call_problems(where: str, call: Mapping, templates: Mapping[str, dict], docs: list[dict]) -> Iterator[str]:
+    if call.get("inline") is not None:
+        return
+    target: Mapping | None = None
+    if call.get("template") is not None:
+        target = templates.get(call["template"])
+        if target is None:
+            yield f"{where}.template: {call['template']!r} does not exist"
+            return
+    elif isinstance(call.get("templateRef"), Mapping):
+        ref = call["templateRef"]
+        base = None if ref.get("clusterScope") else _find_workflow_template(docs, ref.get("name"))
+        if base is None:
+            return  # lives in the cluster
+        target = _templates_of(base).get(ref.get("template"))
+        if target is None:
+            yield f"{where}.templateRef: WorkflowTemplate {ref.get('name')!r} has no template {ref.get('template')!r}"
+            return
+    else:
+        yield f"{where}: needs 'template', 'templateRef' or 'inline'"
+        return
+    given = {p.get("name") for p in (call.get("arguments") or {}).get("parameters") or []}
+    for param in (target.get("inputs") or {}).get("parameters") or []:
+        if param.get("name") not in given and "value" not in param and "default" not in param:
+            yield f"{where}.arguments.parameters: input {param.get('name')!r} of {target.get('name')!r} is not supplied"
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, Mapping):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+def _references(template: Mapping, scope: str) -> set[str]:
+    """Names X in ``{{<scope>.X...}}`` placeholders anywhere in the template (including expressions ``{{=...}}``)."""
+    pattern = re.compile(r"\b" + re.escape(scope) + r"\.([A-Za-z0-9_-]+)")
+    found = set()
+    for text in _strings(template):
+        for expression in _PLACEHOLDER.findall(text):
+            found.update(pattern.findall(expression))
+    return found
+
+
+def embedded_manifests(doc: Mapping, docs: list[dict]) -> Iterator[tuple[str, int, dict | str]]:
+    """``(template name, index, manifest)`` of a Workflow's / WorkflowTemplate's ``resource`` templates.
+
+    ``{{workflow.parameters.X}}`` and ``{{inputs.parameters.X}}`` are filled from the parameters' values or defaults
+    (or the arguments a step passes), anything else (``{{workflow.name}}``, ...) with the word ``sample``; a manifest
+    that is no YAML then comes back as an error string instead of a dict.
+    """
+    effective = _effective_spec(doc, docs)
+    if effective is None:
+        return
+    _, templates, params = effective
+    workflow_values = {name: str(p.get("value", p.get("default", ""))) for name, p in params.items()}
+    callers: dict[str, dict[str, str]] = {}
+    for template in templates.values():
+        steps = [s for group in template.get("steps") or [] for s in group] + list((template.get("dag") or {})
+                                                                                     .get("tasks") or [])
+        for step in steps:
+            args = {p.get("name"): str(p.get("value", "")) for p in (step.get("arguments") or {}).get("parameters") or []}
+            callers.setdefault(step.get("template"), args)
+    for tname, template in _templates_of(doc).items():
+        manifest = (template.get("resource") or {}).get("manifest")
+        if not isinstance(manifest, str):
+            continue
+        inputs = {}
+        for p in (template.get("inputs") or {}).get("parameters") or []:
+            value = p.get("value", p.get("default", (callers.get(tname) or {}).get(p.get("name"), "")))
+            inputs[p.get("name")] = _fill(str(value), {}, workflow_values)
+        try:
+            embedded = [d for d in yaml.safe_load_all(_fill(manifest, inputs, workflow_values)) if d]
+        except yaml.YAMLError as err:
+            yield tname, 0, f"not valid YAML once parameters are filled in: {_shorten(str(err))}"
+            continue
+        for index, manifest_doc in enumerate(embedded):
+            yield tname, index, manifest_doc
+
+
+def _fill(text: str, inputs: Mapping[str, str], workflow: Mapping[str, str]) -> str:
+    def one(match: re.Match) -> str:
+        expression = match.group(1)
+        if expression.startswith("inputs.parameters.") and expression[18:] in inputs:
+            return inputs[expression[18:]]
+        if expression.startswith("workflow.parameters.") and expression[20:] in workflow:
+            return workflow[expression[20:]]
+        return "sample"  # workflow.name, workflow.uid, ...: any DNS-safe word stands in
+
+    return _PLACEHOLDER.sub(one, text)

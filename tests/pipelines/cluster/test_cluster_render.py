@@ -1,0 +1,170 @@
+"""`lingbot render`: the committed pipelines are exactly what the code renders, and what they run is real."""
+
+import copy
+import functools
+import os
+import re
+
+import pytest
+from cluster_docs import default_settings, embedded, find, parse, render_documents, template
+
+from pipelines.cli import build_parser, main
+from pipelines.cluster import render as render_mod
+from pipelines.settings import REPO_ROOT
+
+
+@functools.cache
+def _rendered():
+    return render_documents()
+
+
+def test_committed_pipelines_equal_a_fresh_render():
+    rendered = render_mod.render(default_settings())
+    assert set(rendered) == {"pipelines/posttrain.yaml", "pipelines/pretrain.yaml"}
+    for path, text in rendered.items():
+        committed = REPO_ROOT / path
+        assert committed.is_file(), f"{path} is missing: run `lingbot render`"
+        assert committed.read_text() == text, f"{path} differs from `lingbot render`: run it and commit the result"
+
+
+def test_render_check_exits_nonzero_on_a_stale_file(tmp_path, monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith("LINGBOT_CLUSTER_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    assert main(["render", "--check", "--root", str(tmp_path)]) == 1  # nothing written yet
+    assert "pipelines/posttrain.yaml: differs" in capsys.readouterr().out
+    assert main(["render", "--root", str(tmp_path)]) == 0
+    assert main(["render", "--check", "--root", str(tmp_path)]) == 0
+    target = tmp_path / "pipelines" / "pretrain.yaml"
+    target.write_text(target.read_text() + "# edited by hand\n")
+    capsys.readouterr()
+    assert main(["render", "--check", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "pipelines/pretrain.yaml: differs" in out and "posttrain.yaml" not in out
+
+
+def test_settings_come_from_the_environment(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LINGBOT_CLUSTER_TASK", "push-v3")
+    monkeypatch.setenv("LINGBOT_CLUSTER_EDGE_NODE_SELECTOR", '{"robots.example.com/gpu": "orin"}')
+    docs = parse(render_mod.render()["pipelines/posttrain.yaml"])
+    run = find(docs, "Workflow")
+    assert run["metadata"]["name"] == "lingbot-va-posttrain-push-v3"
+    assert run["spec"]["arguments"]["parameters"] == [{"name": "task", "value": "push-v3"}]
+    assert embedded(docs, "deploy")["spec"]["predictor"]["nodeSelector"] == {"robots.example.com/gpu": "orin"}
+    monkeypatch.setenv("LINGBOT_CLUSTER_TASK", "Push_V3")
+    assert main(["render", "--check", "--root", str(tmp_path)]) == 2
+    assert "must be a lower-case slug" in capsys.readouterr().err
+
+
+def _fill(value, params):
+    return re.sub(r"\{\{workflow\.parameters\.([\w-]+)\}\}", lambda m: params[m.group(1)], value)
+
+
+def _cli_args(path):
+    """Every `lingbot ...` argument list the pipeline runs, placeholders filled with the defaults."""
+    docs = _rendered()[path]
+    wt = find(docs, "WorkflowTemplate")
+    params = {p["name"]: p["value"] for p in wt["spec"]["arguments"]["parameters"]}
+    runs = {}
+    for t in wt["spec"]["templates"]:
+        if "container" in t and t["container"].get("command") is None:  # the image's entrypoint: lingbot
+            runs[t["name"]] = [_fill(a, params) for a in t["container"]["args"]]
+        if "resource" in t:
+            obj = embedded(docs, t["name"])
+            if obj["kind"] == "PyTorchJob":
+                pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+                args = pod["containers"][0]["args"]
+                assert pod["containers"][0]["command"] == ["torchrun"] and args[:2] == ["-m", "pipelines.cli"]
+                runs[t["name"]] = args[2:]
+            else:
+                runs[t["name"]] = obj["spec"]["predictor"]["containers"][0]["args"]
+    return runs
+
+
+@pytest.mark.parametrize("path, expected", [
+    ("pipelines/posttrain.yaml", {"gate": "evaluate", "train": "train", "deploy": "serve"}),
+    ("pipelines/pretrain.yaml", {"encode": "data", "train": "train"}),
+])
+def test_every_command_parses_with_the_real_cli(path, expected):
+    """No invented flags: each step's arguments are accepted by the `lingbot` parser itself."""
+    runs = _cli_args(path)
+    assert {name: args[0] for name, args in runs.items()} == expected
+    for name, args in runs.items():
+        parsed = build_parser().parse_args(args)
+        assert callable(parsed.func), name
+
+
+def test_posttrain_runs_pull_train_gate_deploy():
+    docs = _rendered()["pipelines/posttrain.yaml"]
+    wt, run = find(docs, "WorkflowTemplate"), find(docs, "Workflow")
+    # kubectl apply cannot use generateName: a fixed-name run of the template in the same file
+    assert "generateName" not in run["metadata"] and run["spec"]["workflowTemplateRef"]["name"] == wt["metadata"]["name"]
+    params = {p["name"]: p["value"] for p in wt["spec"]["arguments"]["parameters"]}
+    assert {"task", "data-version", "preset", "steps", "image", "mlflow-uri"} <= set(params)
+    assert params["task"] == "reach-v3" and params["data-version"] == "main"
+    steps = [group[0]["name"] for group in template(wt, "posttrain")["steps"]]
+    assert steps == ["pull-data", "train", "gate", "deploy"]
+    pull = template(wt, "posttrain")["steps"][0][0]
+    assert pull["withItems"] == ["data/latents", "data/feast", "data/runs/pretrain/model"]
+    dvc = template(wt, "dvc-get")["container"]
+    assert dvc["command"] == ["dvc"] and "{{workflow.parameters.data-version}}" in dvc["args"]
+    assert any(a.startswith("url=s3://") for a in dvc["args"])
+
+    train = template(wt, "train")["resource"]
+    assert train["action"] == "create" and train["setOwnerReference"] is True
+    assert train["successCondition"] == "status.replicaStatuses.Master.succeeded > 0"
+    job = embedded(docs, "train")
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]
+    container = master["template"]["spec"]["containers"][0]
+    assert master["replicas"] == 1 and container["name"] == "pytorch"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert {"configMapRef": {"name": "lingbot-va-env"}} in container["envFrom"]
+    assert {"secretRef": {"name": "lingbot-va-s3"}} in container["envFrom"]
+    assert container["args"][container["args"].index("--zero-stage") + 1] == "2"
+
+    gate = template(wt, "gate")["container"]["args"]
+    assert gate[gate.index("--model") + 1] == "models:/lingbot-va-{{workflow.parameters.task}}@challenger"
+    assert "--no-fail" not in gate  # a rejected candidate stops the run before deploy
+
+    deploy = template(wt, "deploy")["resource"]
+    assert deploy["action"] == "apply" and "UpToDate" in deploy["successCondition"]
+    isvc = embedded(docs, "deploy")
+    assert isvc["metadata"]["name"] == "lingbot-va-reach-v3"
+    assert isvc["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["nodeSelector"] and predictor["tolerations"]
+    serve = predictor["containers"][0]
+    assert serve["args"][:3] == ["serve", "--model", "models:/lingbot-va-reach-v3@champion"]
+    assert serve["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    [canary] = isvc["spec"]["canary"]
+    assert canary["trafficPercent"] == 10 and canary["predictor"]["name"] == "canary"
+    assert canary["predictor"]["annotations"] == {"platform.lingbot-va.io/rollout": "sample"}  # {{workflow.name}}
+
+
+def test_pretrain_encodes_by_rank_then_trains_elastically_with_zero3():
+    docs = _rendered()["pipelines/pretrain.yaml"]
+    wt = find(docs, "WorkflowTemplate")
+    assert [g[0]["name"] for g in template(wt, "pretrain")["steps"]] == ["pull-data", "encode", "train"]
+    assert find(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteMany"]
+    encode = embedded(docs, "encode")["spec"]
+    assert encode["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3  # 4 pods, each encodes its ranks' share
+    train = embedded(docs, "train")["spec"]
+    assert train["pytorchReplicaSpecs"]["Worker"]["replicas"] == 7 and train["nprocPerNode"] == "8"
+    assert train["elasticPolicy"] == {"maxReplicas": 8, "maxRestarts": 10, "minReplicas": 4, "rdzvBackend": "c10d"}
+    args = train["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--zero-stage") + 1] == "3" and "--checkpoint-every" in args
+    assert args[args.index("--run-dir") + 1].startswith("/mnt/shared/")  # on the shared volume: survives a pod
+
+
+def test_settings_scale_the_jobs():
+    s = default_settings(posttrain_nodes=3, gpus_per_node=4, canary_percent=0, serve_gpus=0)
+    from pipelines.cluster.workflows import posttrain_documents
+
+    docs = copy.deepcopy(posttrain_documents(s))
+    job = embedded(docs, "train")["spec"]
+    assert job["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2 and job["nprocPerNode"] == "4"
+    isvc = embedded(docs, "deploy")["spec"]
+    assert isvc["canary"][0]["trafficPercent"] == 0  # a dark canary: deployed, no traffic
+    serve = isvc["predictor"]["containers"][0]
+    assert "limits" not in serve["resources"] and serve["args"][serve["args"].index("--device") + 1] == "cpu"
