@@ -9,6 +9,11 @@
     video, next_actions = s.predict_chunk()         # the chunk after a_t, grounded on the latest real frame
     s.observe(z_real, a_t)                          # provisional entries are replaced by the real ones
 
+A policy server serving many robots batches their sessions' model passes (same model and sampler settings):
+
+    results = predict_chunks([s1, s2, s3])          # == [s.predict_chunk() for s in (s1, s2, s3)]
+    imagined = imagine_many([s1, s2], [a1, a2])     # == [s1.imagine(a1), s2.imagine(a2)]
+
 The cache holds keys/values of clean history only; a prediction's noisy tokens are never cached. With
 ``use_cache=False`` every model evaluation recomputes the whole history instead (the baseline the KV-cache test
 and benchmark compare against); both paths evaluate the same attention rule, so they agree to float precision.
@@ -20,9 +25,10 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.lingbot_va import KVCache, LingBotVA, Tokens, s_to_wan_t
-from model.masks import CLEAN, FDM_ACT, FDM_VID, NOISY, TokenMeta
+from model.masks import CLEAN, FDM_ACT, FDM_VID, NOISY, PAD, TokenMeta
 
 
 @dataclass
@@ -189,6 +195,13 @@ class Session:
         """
         if not provisional:
             self._drop_provisional()
+        video, action, frames = self._observation(latents, actions, noise_level)
+        kv = self._eval(video, action, self.rows, return_kv=True)[2] if self.use_cache else None
+        self._append(video, action, kv, frames, provisional)
+
+    def _observation(self, latents: torch.Tensor, actions: torch.Tensor | None,
+                     noise_level: float) -> tuple[Tokens, Tokens | None, int]:
+        """Validated clean tokens of one observation (the first one is video only) and its number of frames."""
         latents = self._check_latents(latents)
         F_ = latents.shape[0]
         first = self.num_chunks == 0
@@ -201,12 +214,16 @@ class Session:
         chunk = self.num_chunks
         video = self._video(latents, noise_level, 2 * chunk, CLEAN, self.next_frame, self.rows)
         action = None if first else self._action(actions, 1.0, 2 * chunk + 1, CLEAN, self.next_frame - 1, self.rows)
+        return video, action, F_
+
+    def _append(self, video: Tokens, action: Tokens | None, kv: list | None, frames: int, provisional: bool) -> None:
+        """Add an observation to the context (its keys/values ``kv`` in cache mode) and advance the counters."""
+        chunk = self.num_chunks
         if self.use_cache:
-            _, _, kv = self._eval(video, action, self.rows, return_kv=True)
             self.cache.append(kv, TokenMeta.cat([t.meta for t in (video, action) if t is not None]))
         else:
             self.history.append(_Entry(video, action, chunk))
-        self.next_frame += F_
+        self.next_frame += frames
         self.num_chunks += 1
         if self.window is not None and self.cache.meta is not None:
             # the next query chunk is num_chunks; it may see chunks > num_chunks - window (same rule as training)
@@ -319,3 +336,225 @@ class Session:
         if not torch.isfinite(a).all():
             raise ValueError("actions contain NaN or inf")
         return a.float()
+
+
+# ----------------------------------------------------------------------------------------------- many sessions
+# A policy server holds one session per robot. The functions below run the sessions' model evaluations together:
+# each session contributes its own rows (instruction and, under CFG, the null instruction) to one batch, so a
+# denoising step is one model pass for all robots instead of one per robot. Every per-session quantity (tokens,
+# noise, guidance, the update rule) is computed by the session's own methods, exactly as its per-session call would.
+
+_SHARED_SETTINGS = ("video_steps", "video_s_end", "video_cfg", "action_steps", "action_cfg", "window", "size")
+
+
+@torch.no_grad()
+def predict_chunks(sessions: list[Session], chunk_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[s.predict_chunk(chunk_size) for s in sessions]`` with one batched model pass per denoising step.
+
+    The sessions may have histories of different lengths and be at different chunks; they must share the model and
+    the sampler settings (chunk size, steps, s_end, CFG scales, window, latent size), else ``ValueError``. Each
+    session draws its noise from its own generator in the order its ``predict_chunk`` would, so the results (and
+    the generators' states afterwards) equal the per-session calls to float precision.
+    """
+    sessions = list(sessions)
+    if len(sessions) <= 1:
+        return [s.predict_chunk(chunk_size) for s in sessions]
+    first = _check_batchable(sessions, "predict_chunks", same_chunk_size=not chunk_size)
+    c = first.config
+    K = chunk_size or first.chunk_size
+    if c.objective == "reactive":
+        return _predict_actions_reactive_many(sessions, K)
+    H, W = first.size
+    # all noise up front, session by session (video, then actions): the order holds even if a generator is shared
+    noise = [(s._noise(K, c.latent_channels, H, W), s._noise(K * c.tau, c.action_channels)) for s in sessions]
+    rows_v, rows_a = (2 if scale != 1.0 else 1 for scale in (first.video_cfg, first.action_cfg))
+    batch = _Batch(sessions, rows_v)
+    xs, estimates = _denoise_video_many(sessions, batch, [z for z, _ in noise], K, NOISY, None)
+    if rows_a != rows_v:
+        batch = _Batch(sessions, rows_a)  # replaces (frees) the stacked cache of the video rows
+    # the partially denoised video enters the context of the action chunk as clean-type tokens at s_end
+    temp = _stack([s._video(x, s.video_s_end, 2 * s.num_chunks, CLEAN, s.next_frame, rows_a)
+                   for s, x in zip(sessions, xs, strict=True)])
+    ext = batch.extended(temp, None)
+    actions = [a for _, a in noise]
+    grid = torch.linspace(0.0, 1.0, first.action_steps + 1).tolist()
+    for s0, s1 in itertools.pairwise(grid):
+        tok = _stack([s._action(a, s0, 2 * s.num_chunks + 1, NOISY, s.next_frame - 1, rows_a)
+                      for s, a in zip(sessions, actions, strict=True)])
+        _, out_a, _ = batch.run(None, tok, ext)
+        actions = [a + (s1 - s0) * -s._guided(o.float(), s.action_cfg)[0]
+                   for s, a, o in zip(sessions, actions, batch.split(out_a), strict=True)]
+    return [(e, a * s.action_mask.to(a.dtype)) for s, e, a in zip(sessions, estimates, actions, strict=True)]
+
+
+@torch.no_grad()
+def imagine_many(sessions: list[Session], actions: list[torch.Tensor], *, commit: bool = True) -> list[torch.Tensor]:
+    """``[s.imagine(a, commit=commit) for s, a in zip(sessions, actions)]`` with one batched pass per model call.
+
+    The FDM pass of Algorithm 2 for many robots: each session imagines the outcome of its own action chunk
+    (K*tau, A); the chunks must have the same length. With ``commit`` every session gets the same provisional
+    entries (cache, counters) its own ``imagine`` would leave. Nothing is changed if a session or chunk is invalid.
+    """
+    sessions, actions = list(sessions), list(actions)
+    if len(actions) != len(sessions):
+        raise ValueError(f"imagine_many: {len(sessions)} sessions but {len(actions)} action chunks")
+    if len(sessions) <= 1:
+        return [s.imagine(a, commit=commit) for s, a in zip(sessions, actions, strict=True)]
+    first = _check_batchable(sessions, "imagine_many", same_chunk_size=False)
+    c = first.config
+    if c.objective == "reactive":
+        raise ValueError("a reactive model has no forward dynamics: imagine() (async mode) needs a world model")
+    for i, a in enumerate(actions):
+        if not isinstance(a, torch.Tensor) or a.ndim != 2 or a.shape[0] % c.tau:
+            raise ValueError(f"imagine_many: actions[{i}] must be (K*tau, {c.action_channels}) with tau={c.tau}, "
+                             f"got {tuple(getattr(a, 'shape', ()))}")
+        if a.shape[0] != actions[0].shape[0]:
+            raise ValueError(f"imagine_many: action chunks differ in length ({actions[0].shape[0]} vs "
+                             f"{a.shape[0]} for session {i}); batched sessions imagine chunks of one size")
+    K = actions[0].shape[0] // c.tau
+    actions = [s._check_actions(a, K) for s, a in zip(sessions, actions, strict=True)]
+    H, W = first.size
+    noise = [s._noise(K, c.latent_channels, H, W) for s in sessions]
+    rows = 2 if first.video_cfg != 1.0 else 1
+    batch = _Batch(sessions, rows)
+    fdm = _stack([s._action(a, 1.0, 2 * s.num_chunks + 1, FDM_ACT, s.next_frame - 1, rows)
+                  for s, a in zip(sessions, actions, strict=True)])
+    xs, estimates = _denoise_video_many(sessions, batch, noise, K, FDM_VID, batch.extended(None, fdm))
+    if commit:
+        _observe_provisional_many(sessions, xs, actions, batch if batch.rows == first.rows else None)
+    return estimates
+
+
+class _Batch:
+    """The first ``rows`` rows of each session stacked on the batch dim: session i owns rows i*rows .. i*rows+rows-1.
+
+    Keys/values are padded to the longest cache with PAD tokens (segment -1); the attention rule lets no real query
+    see a key of another segment, so padding changes nothing for real tokens. Instructions of different lengths are
+    zero-padded and masked out of the text cross-attention the same way.
+    """
+
+    def __init__(self, sessions: list[Session], rows: int):
+        first = sessions[0]
+        self.model, self.window, self.rows = first.model, first.window, rows
+        ctx = [s.context[:rows] for s in sessions]  # (rows, T_i, d_v) each
+        T = max(x.shape[1] for x in ctx)
+        self.context_BTd = torch.cat([F.pad(x, (0, 0, 0, T - x.shape[1])) for x in ctx])
+        self.text_mask_BT = None  # None when no instruction is padded: the per-session call runs unmasked too
+        if any(x.shape[1] != T for x in ctx):
+            arange = torch.arange(T, device=first.device)
+            self.text_mask_BT = torch.cat([(arange < x.shape[1]).expand(rows, T) for x in ctx])
+        self.cache = _stack_caches([s._cache_rows(rows) for s in sessions])
+
+    def run(self, video: Tokens | None, action: Tokens | None, cache: KVCache | None = None,
+            return_kv: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+        """One model pass of the stacked new tokens against ``cache`` (default: the stacked session caches)."""
+        ctx_mask = None
+        if self.text_mask_BT is not None and video is not None:  # only the video stream cross-attends to text
+            ctx_mask = self.text_mask_BT[:, None, :].expand(-1, video.length, -1)
+        return self.model.run(video, action, self.context_BTd, ctx_mask, cache=self.cache if cache is None else cache,
+                              return_kv=return_kv, window_chunks=self.window)
+
+    def extended(self, video: Tokens | None, action: Tokens | None) -> KVCache:
+        """The stacked cache with temporary clean tokens appended (``Session._extend`` for every session at once)."""
+        _, _, kv = self.run(video, action, return_kv=True)
+        ext = KVCache(len(kv))
+        ext.k, ext.v, ext.meta = list(self.cache.k), list(self.cache.v), self.cache.meta
+        ext.append(kv, TokenMeta.cat([t.meta for t in (video, action) if t is not None]))
+        return ext
+
+    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-session rows of a batched output."""
+        return out.split(self.rows)
+
+
+def _check_batchable(sessions: list[Session], what: str, same_chunk_size: bool) -> Session:
+    """The first session, after checking that all can share one batch; ``ValueError`` naming the mismatch if not."""
+    first = sessions[0]
+    names = _SHARED_SETTINGS + (("chunk_size",) if same_chunk_size else ())
+    seen: set[int] = set()
+    for i, s in enumerate(sessions):
+        if not isinstance(s, Session):
+            raise ValueError(f"{what}: item {i} is a {type(s).__name__}, not a Session")
+        if id(s) in seen:
+            raise ValueError(f"{what}: session {i} appears twice in the list")
+        seen.add(id(s))
+        if s.model is not first.model:
+            raise ValueError(f"{what}: session {i} belongs to another model than session 0; only one model's "
+                             "sessions can share a batch")
+        if not s.use_cache:
+            raise ValueError(f"{what}: session {i} has use_cache=False; batching needs KV-cache sessions")
+        if s.num_chunks == 0:
+            raise ValueError(f"{what}: session {i} has no observation yet; observe() its initial frame first")
+        for name in names:
+            if getattr(s, name) != getattr(first, name):
+                raise ValueError(f"{what}: session {i} has {name}={getattr(s, name)!r} but session 0 has "
+                                 f"{getattr(first, name)!r}; batched sessions need the same settings")
+    return first
+
+
+def _stack(items: list[Tokens]) -> Tokens:
+    """Tokens of equal length (one per session) stacked on the batch dim."""
+    meta = TokenMeta(*(torch.cat([getattr(t.meta, f) for t in items]) for f in ("chunk", "kind", "seg")))
+    return Tokens(torch.cat([t.x for t in items]), torch.cat([t.t for t in items]), torch.cat([t.pos for t in items]),
+                  meta)
+
+
+def _stack_caches(caches: list[KVCache]) -> KVCache:
+    """Caches stacked on the batch dim, each right-padded to the longest with zero keys/values and PAD metadata."""
+    L = max(c.length for c in caches)
+    out = KVCache(len(caches[0].k))
+    for i in range(len(out.k)):
+        # keys/values (B, L, H, D): pad dim 1 at its end
+        out.k[i] = torch.cat([F.pad(c.k[i], (0, 0, 0, 0, 0, L - c.length)) for c in caches])
+        out.v[i] = torch.cat([F.pad(c.v[i], (0, 0, 0, 0, 0, L - c.length)) for c in caches])
+    out.meta = TokenMeta(*(torch.cat([F.pad(getattr(c.meta, f), (0, L - c.length), value=fill) for c in caches])
+                           for f, fill in (("chunk", 0), ("kind", PAD), ("seg", -1))))
+    return out
+
+
+def _denoise_video_many(sessions: list[Session], batch: _Batch, xs: list[torch.Tensor], K: int, kind: int,
+                        cache: KVCache | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``Session._denoise_video`` for every session, from the given noise (K, C, H, W) each."""
+    first = sessions[0]
+    H, W = first.size
+    grid = torch.linspace(0.0, first.video_s_end, first.video_steps + 1).tolist()
+    estimates = list(xs)
+    for s0, s1 in itertools.pairwise(grid):
+        tok = _stack([s._video(x, s0, 2 * s.num_chunks, kind, s.next_frame, batch.rows)
+                      for s, x in zip(sessions, xs, strict=True)])
+        out_v, _, _ = batch.run(tok, None, cache)
+        u = first.model.unpatchify(out_v.float(), K, H, W)
+        velocities = [-s._guided(u_s, s.video_cfg)[0] for s, u_s in zip(sessions, batch.split(u), strict=True)]
+        estimates = [x + (1.0 - s0) * v for x, v in zip(xs, velocities, strict=True)]
+        xs = [x + (s1 - s0) * v for x, v in zip(xs, velocities, strict=True)]
+    return xs, estimates
+
+
+def _predict_actions_reactive_many(sessions: list[Session], K: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``Session._predict_actions_reactive`` for every session (actions from the history alone, no video)."""
+    first = sessions[0]
+    c = first.config
+    actions = [s._noise(K * c.tau, c.action_channels) for s in sessions]
+    rows = 2 if first.action_cfg != 1.0 else 1
+    batch = _Batch(sessions, rows)
+    grid = torch.linspace(0.0, 1.0, first.action_steps + 1).tolist()
+    for s0, s1 in itertools.pairwise(grid):
+        tok = _stack([s._action(a, s0, 2 * s.num_chunks + 1, FDM_ACT, s.next_frame - 1, rows)
+                      for s, a in zip(sessions, actions, strict=True)])
+        _, out_a, _ = batch.run(None, tok)
+        actions = [a + (s1 - s0) * -s._guided(o.float(), s.action_cfg)[0]
+                   for s, a, o in zip(sessions, actions, batch.split(out_a), strict=True)]
+    H, W = first.size
+    return [(torch.zeros(0, c.latent_channels, H, W, device=s.device), a * s.action_mask.to(a.dtype))
+            for s, a in zip(sessions, actions, strict=True)]
+
+
+def _observe_provisional_many(sessions: list[Session], latents: list[torch.Tensor], actions: list[torch.Tensor],
+                              batch: _Batch | None) -> None:
+    """``s.observe(z, a, noise_level=s_end, provisional=True)`` for every session, with one batched pass."""
+    obs = [s._observation(z, a, s.video_s_end) for s, z, a in zip(sessions, latents, actions, strict=True)]
+    batch = batch or _Batch(sessions, sessions[0].rows)
+    _, _, kv = batch.run(_stack([v for v, _, _ in obs]), _stack([a for _, a, _ in obs]), return_kv=True)
+    R = batch.rows
+    for i, (s, (video, action, frames)) in enumerate(zip(sessions, obs, strict=True)):
+        s._append(video, action, [(k[i * R:(i + 1) * R], v[i * R:(i + 1) * R]) for k, v in kv], frames, True)

@@ -13,6 +13,11 @@ One ``EpisodePolicy`` per episode follows Algorithm 1 (sync) or Algorithm 2 (asy
     ep.imagine(plan)                       # async only: FDM pass, provisional frames for the chunk being executed
     next_plan = ep.plan()                  # async: conditioned on the imagined outcome
     ep.observe(frames, executed_unified)   # real frames + executed actions replace the provisional entries
+
+One endpoint serving many robots batches their model passes (one per denoising step for all of them):
+
+    plans = policy.plan_many(episodes)                        # == [ep.plan() for ep in episodes]
+    plans = policy.imagine_and_plan_many(episodes, plans)     # == ep.imagine(p); ep.plan() for each episode
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from safetensors.torch import load_file
 
 from model.encoders import VideoVAE
 from model.lingbot_va import LingBotVA
+from model.session import imagine_many, predict_chunks
 from pipelines.data.embodiments import get_adapter
 from pipelines.train.registry import _mask_from_action_space, parse_normalization
 from pipelines.train.tracking import TEXT_FILE, VAE_DIR
@@ -85,6 +91,28 @@ class ChunkPolicy:
             raise ValueError(f"the model has no instruction embedding for task {task!r}; it knows {self.tasks}")
         return EpisodePolicy(self, task, seed)
 
+    def plan_many(self, episodes: list[EpisodePolicy]) -> list[Plan]:
+        """``[ep.plan() for ep in episodes]`` with the episodes' model passes batched across robots."""
+        episodes = self._own(episodes)
+        chunks = predict_chunks([ep.session for ep in episodes])
+        return [ep._plan(video, actions) for ep, (video, actions) in zip(episodes, chunks, strict=True)]
+
+    def imagine_and_plan_many(self, episodes: list[EpisodePolicy], plans: list[Plan]) -> list[Plan]:
+        """Algorithm 2's step for many robots: each episode imagines its executing ``plan`` (FDM), then plans the
+        next chunk from it; equal to ``ep.imagine(plan); ep.plan()`` per episode, with the passes batched."""
+        episodes = self._own(episodes)
+        if len(plans) != len(episodes):
+            raise ValueError(f"imagine_and_plan_many: {len(episodes)} episodes but {len(plans)} plans")
+        imagine_many([ep.session for ep in episodes], [plan.normalized.to(self.device) for plan in plans])
+        return self.plan_many(episodes)
+
+    def _own(self, episodes: list[EpisodePolicy]) -> list[EpisodePolicy]:
+        episodes = list(episodes)
+        for i, ep in enumerate(episodes):
+            if not isinstance(ep, EpisodePolicy) or ep.p is not self:
+                raise ValueError(f"episode {i} was not created by this policy's episode()")
+        return episodes
+
 
 class EpisodePolicy:
     """The per-episode state: a KV-cache session and the VAE's causal encoder cache."""
@@ -102,7 +130,11 @@ class EpisodePolicy:
         self.session.observe(z.to(self.p.device))
 
     def plan(self) -> Plan:
-        video, actions = self.session.predict_chunk()
+        """The next chunk (Algorithm 1; in async mode after ``imagine``)."""
+        return self._plan(*self.session.predict_chunk())
+
+    def _plan(self, video: torch.Tensor, actions: torch.Tensor) -> Plan:
+        """The session's prediction as a ``Plan``: actions denormalised to native units (all NaN if not finite)."""
         a = actions.float().cpu()
         native = np.full(a.shape, np.nan, np.float64)
         if torch.isfinite(a).all():
