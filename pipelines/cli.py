@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.cluster.commands import add_parser as add_render_parser
 
     add_render_parser(sub)
+    from services.policy_server.commands import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+    from services.fleet.commands import add_parser as add_fleet_parser
+
+    add_fleet_parser(sub)
 
     demo = sub.add_parser("demo", help="train a model briefly on synthetic data and sample an action chunk")
     demo.add_argument("--preset", default="tiny")

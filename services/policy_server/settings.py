@@ -1,0 +1,59 @@
+"""Settings of the policy server, read from the environment (``LINGBOT_SERVE_...``) and ``.env``.
+
+kserve's standard flags (ports, workers, gRPC message sizes ...) stay kserve's (``kserve.model_server.parser``);
+these are the policy server's own. Command-line flags of ``lingbot serve`` override them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.settings import REPO_ROOT
+from services.protocol import DEFAULT_MODEL_NAME
+
+
+class ServeSettings(BaseSettings):
+    """What ``lingbot serve`` loads, where it listens and how it batches, bounds and updates its sessions."""
+
+    model_config = SettingsConfigDict(env_prefix="LINGBOT_SERVE_", env_file=".env", extra="ignore")
+
+    model: str | None = Field(None, description="models:/<name>@<alias>, models:/<name>/<version> or a model "
+                                                "directory; an alias is followed as it moves (hot swap)")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="V2 model name on the endpoint path")
+    host: str = Field("127.0.0.1", description="interface REST and gRPC bind to; 0.0.0.0 only behind auth/a mesh")
+    token: SecretStr | None = Field(None, description="bearer token required on inference calls (None: no auth)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under the data dir)")
+    data_dir: Path = Field(REPO_ROOT / "data", description="data root: MLflow store and downloaded models")
+    device: str = Field("cpu", description="torch device of the model")
+    seed: int = Field(0, description="base seed of the sessions' flow samplers (mixed with the session id)")
+
+    batching: bool = Field(True, description="run concurrent sessions' model passes as one batch")
+    max_batch_size: int = Field(8, ge=1, description="most requests one batch serves")
+    max_wait_ms: float = Field(5.0, ge=0.0, description="how long a batch waits for more requests after the first")
+
+    max_sessions: int = Field(64, ge=1, description="sessions kept; the least recently used one is evicted beyond")
+    session_ttl_s: float = Field(600.0, gt=0.0, description="a session idle this long is evicted")
+    max_session_memory_mb: float = Field(0.0, ge=0.0, description="cap on the sessions' KV-cache + VAE-cache memory; "
+                                                                  "least recently used sessions are evicted beyond "
+                                                                  "(0: no cap)")
+    max_request_mb: float = Field(64.0, gt=0.0, description="largest request body / gRPC message accepted")
+
+    poll_interval_s: float = Field(30.0, ge=0.0, description="how often a registry alias is checked for a new "
+                                                             "version (0: never)")
+    old_sessions: Literal["finish", "reset"] = Field("finish", description="on a model switch, sessions begun on "
+                                                                            "the old version finish on it or are "
+                                                                            "told to reset")
+    max_live_models: int = Field(2, ge=1, description="model versions kept in memory at once; sessions on an older "
+                                                      "one are told to reset")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+    @property
+    def max_session_memory_bytes(self) -> int:
+        return int(self.max_session_memory_mb * 2**20)

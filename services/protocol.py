@@ -1,0 +1,336 @@
+"""The wire contract between robots and the policy server: KServe Open Inference Protocol V2 with binary tensors.
+
+Transport: REST (``POST /v2/models/<name>/infer`` with the binary tensor extension) and gRPC (``ModelInfer`` with
+``raw_input_contents``); model name ``lingbot-va`` by default. Clients use kserve's ``InferenceRESTClient`` (V2
+protocol) or ``InferenceGRPCClient`` with the helpers here; nothing is pickled.
+
+One inference request = one step of one robot episode's session.
+
+Request parameters
+    session_id   str, required, ``[A-Za-z0-9._:-]{1,128}``; one per robot episode
+    reset        bool; starts (or restarts) the session: ``images`` exactly 1 frame, ``state`` [1, S], no ``actions``
+    instruction  str, at reset: a task name the model knows (default: the model's only task); later requests may
+                 repeat it but not change it
+    mode         "async" (default, Algorithm 2) | "sync" (Algorithm 1); fixed at reset (ignored afterwards)
+    cameras      optional, comma-separated; must equal the model's camera order
+    seq          optional int: the chunk index the client expects back; a mismatch is a 4xx "out of order"
+
+Request inputs (binary tensors)
+    images   UINT8 [N, V, H, W, 3]  frames seen while the previous chunk executed, one per executed step (reset: N=1)
+    actions  FP32  [N, A]           native actions executed
+    state    FP32  [N, S]           robot state observed before each executed action (reset: [1, S])
+    A request with no tensors (N=0) is valid only in async mode right after the reset response: "chunk 0 is
+    executing; plan chunk 1 from its imagined outcome". Otherwise N is the model's chunk length K*tau (one frame,
+    action and state per executed step of the chunk reported).
+
+What the server does per request
+    sync:  observe(frames, executed actions mapped to the unified space against ``state``), then plan.
+    async: observe(...) if the request carries frames, then imagine (FDM) the chunk returned last time (it is
+           executing now), then plan the chunk after it -- the call order of ``pipelines.evaluate.rollout``.
+           (A request reporting the only chunk returned so far has nothing executing: observe, then plan.)
+    Requests of one session are served in arrival order, one at a time; different sessions' passes are batched.
+
+Response outputs
+    actions  FP32 [K*tau, A]   the next chunk in native units, computed against the last state of the request and
+                               clipped to the embodiment's limits
+    targets  FP32 [K*tau, 30]  the same chunk in the unified space (denormalised), so state-relative embodiments can
+                               re-map every step against the live state on the robot
+Response parameters
+    model_version ("<registered name>/<version>" or the local directory's content hash), session_id, chunk_index
+    (0 for the reset response), embodiment, control_rate_hz, cameras (comma-separated), image_size.
+
+Errors
+    Client mistakes are HTTP 4xx / gRPC INVALID_ARGUMENT (or NOT_FOUND / UNAUTHENTICATED) with a message naming the
+    problem, never a 5xx (a 5xx means the model itself failed, e.g. produced NaN; that session is closed). Requests
+    over the size limit are 413 on REST. An unknown or evicted session answers ``unknown session <id>: send
+    reset=true``; a session begun on a model version that can no longer be served answers ``model changed: send
+    reset=true``. With a token configured, requests need ``Authorization: Bearer <token>`` (REST) or
+    ``authorization`` metadata (gRPC).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from kserve import InferInput, InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import to_http_parameters
+from kserve.utils.numpy_codec import to_np_dtype
+
+DEFAULT_MODEL_NAME = "lingbot-va"
+MODES = ("async", "sync")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+UNIFIED_DIM = 30
+
+UNKNOWN_SESSION = "unknown session {session_id}: send reset=true"
+MODEL_CHANGED = "model changed: send reset=true"
+OUT_OF_ORDER = "out of order"
+
+# name -> (V2 datatype, numpy dtype, rank)
+INPUTS: dict[str, tuple[str, type, int]] = {
+    "images": ("UINT8", np.uint8, 5),
+    "actions": ("FP32", np.float32, 2),
+    "state": ("FP32", np.float32, 2),
+}
+OUTPUTS: dict[str, tuple[str, type, int]] = {
+    "actions": ("FP32", np.float32, 2),
+    "targets": ("FP32", np.float32, 2),
+}
+# parameters kserve itself understands; accepted and ignored by ``from_infer_request``
+_TRANSPORT_PARAMETERS = {"binary_data_output", "content_type", "headers"}
+
+
+@dataclass
+class StepRequest:
+    """One step of one robot episode, as the client sends it (arrays are None when absent)."""
+
+    session_id: str
+    reset: bool = False
+    instruction: str | None = None
+    mode: str = "async"
+    cameras: tuple[str, ...] | None = None
+    seq: int | None = None
+    images: np.ndarray | None = None  # (N, V, H, W, 3) uint8
+    actions: np.ndarray | None = None  # (N, A) float32, native
+    state: np.ndarray | None = None  # (N, S) float32
+
+    @property
+    def steps(self) -> int:
+        """N: how many executed steps the request reports (0 when it carries no tensors)."""
+        return 0 if self.images is None else len(self.images)
+
+
+@dataclass
+class StepResponse:
+    """The next action chunk of a session and what the client needs to execute it."""
+
+    actions: np.ndarray  # (K*tau, A) float32, native, clipped
+    targets: np.ndarray  # (K*tau, 30) float32, unified, denormalised
+    model_version: str
+    session_id: str
+    chunk_index: int
+    embodiment: str
+    control_rate_hz: float
+    cameras: tuple[str, ...] = field(default_factory=tuple)
+    image_size: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# requests
+
+
+def to_infer_request(req: StepRequest, model_name: str = DEFAULT_MODEL_NAME) -> InferRequest:
+    """A V2 ``InferRequest`` with binary tensors, usable by kserve's REST and gRPC clients alike."""
+    params: dict[str, Any] = {"session_id": req.session_id, "reset": bool(req.reset), "mode": req.mode,
+                              "binary_data_output": True}  # REST: answer with binary tensors too
+    if req.instruction is not None:
+        params["instruction"] = req.instruction
+    if req.cameras is not None:
+        params["cameras"] = ",".join(req.cameras)
+    if req.seq is not None:
+        params["seq"] = int(req.seq)
+    inputs = []
+    for name in INPUTS:
+        value = getattr(req, name)
+        if value is None:
+            continue
+        datatype, dtype, _ = INPUTS[name]
+        array = np.ascontiguousarray(value, dtype=dtype)
+        if array.size == 0:  # N=0 is spelled "no tensors"
+            continue
+        tensor = InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    return InferRequest(model_name, inputs, request_id=str(uuid.uuid4()), parameters=params)
+
+
+def from_infer_request(request: InferRequest, *, max_bytes: int | None = None) -> StepRequest:
+    """Parse and check one request (REST or gRPC); every mistake raises ``InvalidInput`` naming it.
+
+    Checks what the wire alone defines (size limit, parameters, tensor names, dtypes, ranks, sizes, finiteness,
+    N agreement, the reset rules); what depends on the model (cameras, image size, A, S, instruction, N against the
+    chunk length) is the server's to check.
+    """
+    if max_bytes is not None:
+        size = sum(_declared_bytes(t) for t in request.inputs)
+        if size > max_bytes:
+            raise InvalidInput(f"request too large: {size} bytes of tensors exceed the limit of {max_bytes}")
+    params = _parameters(request.parameters)
+    session_id = params.get("session_id")
+    if session_id is None:
+        raise InvalidInput("missing parameter session_id (one id per robot episode)")
+    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise InvalidInput(f"bad session_id {str(session_id)[:40]!r}: use 1-128 of [A-Za-z0-9._:-]")
+    reset = params.get("reset", False)
+    if not isinstance(reset, bool):
+        raise InvalidInput(f"parameter reset must be a bool, got {reset!r}")
+    mode = params.get("mode", "async")
+    if mode not in MODES:
+        raise InvalidInput(f"parameter mode must be one of {MODES}, got {mode!r}")
+    instruction = params.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or not instruction):
+        raise InvalidInput(f"parameter instruction must be a non-empty string, got {instruction!r}")
+    cameras = params.get("cameras")
+    if cameras is not None:
+        if not isinstance(cameras, str) or not all(cameras.split(",")):
+            raise InvalidInput(f"parameter cameras must be comma-separated camera names, got {cameras!r}")
+        cameras = tuple(cameras.split(","))
+    seq = params.get("seq")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+        raise InvalidInput(f"parameter seq must be a non-negative integer, got {seq!r}")
+
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        arrays[tensor.name] = _input_array(tensor, arrays)
+    step = StepRequest(session_id=session_id, reset=reset, instruction=instruction, mode=mode, cameras=cameras,
+                       seq=seq, **arrays)
+    _check_steps(step)
+    return step
+
+
+def _parameters(raw: Any) -> dict[str, Any]:
+    """REST dict or gRPC ``MessageMap[str, InferParameter]`` -> plain dict, transport keys dropped."""
+    if not raw:
+        return {}
+    try:
+        params = to_http_parameters(raw)
+    except Exception as err:  # a JSON body whose parameters is not an object
+        raise InvalidInput(f"request parameters must be an object of named values ({err})") from None
+    return {k: v for k, v in params.items() if k not in _TRANSPORT_PARAMETERS}
+
+
+def _declared_bytes(tensor: InferInput) -> int:
+    """Bytes the tensor's header declares (0 when the header is too broken to say; parsing rejects it then)."""
+    dtype = to_np_dtype(tensor.datatype)
+    shape = list(tensor.shape)
+    if dtype is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return len(tensor._raw_data or b"")
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _input_array(tensor: InferInput, seen: dict[str, np.ndarray]) -> np.ndarray:
+    name = tensor.name
+    if name not in INPUTS:
+        raise InvalidInput(f"unknown input {name!r}; inputs are {sorted(INPUTS)}")
+    if name in seen:
+        raise InvalidInput(f"input {name!r} appears twice")
+    datatype, dtype, rank = INPUTS[name]
+    if tensor.datatype != datatype:
+        raise InvalidInput(f"input {name!r} must be {datatype}, got {tensor.datatype}")
+    shape = list(tensor.shape)
+    if len(shape) != rank or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise InvalidInput(f"input {name!r} must have {rank} positive dimensions, got shape {shape}")
+    count = math.prod(shape)
+    raw = tensor._raw_data  # gRPC raw_input_contents; REST binary payloads were decoded into ``data`` by kserve
+    if raw is not None:
+        if len(raw) != count * np.dtype(dtype).itemsize:
+            raise InvalidInput(f"input {name!r}: {len(raw)} bytes do not fill shape {shape} of {datatype}")
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    else:
+        data = tensor.data
+        if data is None or len(data) != count:
+            got = "no data" if data is None else f"{len(data)} values"
+            raise InvalidInput(f"input {name!r}: {got} for shape {shape}")
+        try:
+            array = np.asarray(data, dtype=dtype).reshape(shape)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise InvalidInput(f"input {name!r} holds values that are not {datatype} ({err})") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"input {name!r} contains NaN or inf")
+    return array
+
+
+def _check_steps(step: StepRequest) -> None:
+    present = {n: getattr(step, n) for n in INPUTS if getattr(step, n) is not None}
+    lengths = {n: len(a) for n, a in present.items()}
+    if len(set(lengths.values())) > 1:
+        raise InvalidInput(f"inputs disagree on N (executed steps): {lengths}")
+    if step.reset:
+        if step.actions is not None:
+            raise InvalidInput("a reset request carries no actions (nothing was executed yet)")
+        if step.images is None or step.state is None:
+            raise InvalidInput("a reset request needs images [1, V, H, W, 3] and state [1, S]")
+        if len(step.images) != 1:
+            raise InvalidInput(f"a reset request needs exactly 1 frame, got N={len(step.images)}")
+        return
+    if present and set(present) != set(INPUTS):
+        missing = sorted(set(INPUTS) - set(present))
+        raise InvalidInput(f"inputs {sorted(present)} need {missing} too: send images, actions and state together "
+                           "(or none of them)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# responses
+
+
+def to_infer_response(resp: StepResponse, model_name: str = DEFAULT_MODEL_NAME, request_id: str | None = None,
+                      *, binary: bool = True) -> InferResponse:
+    """A V2 ``InferResponse`` with the response parameters; tensors binary unless ``binary=False`` (REST JSON)."""
+    outputs = []
+    for name in OUTPUTS:
+        datatype, dtype, _ = OUTPUTS[name]
+        array = np.ascontiguousarray(getattr(resp, name), dtype=dtype)
+        out = InferOutput(name, list(array.shape), datatype)
+        out.set_data_from_numpy(array, binary_data=True)
+        outputs.append(out)
+    params: dict[str, Any] = {
+        "model_version": resp.model_version, "session_id": resp.session_id, "chunk_index": int(resp.chunk_index),
+        "embodiment": resp.embodiment,
+        "control_rate_hz": repr(float(resp.control_rate_hz)),  # gRPC parameters carry no floats in kserve
+        "cameras": ",".join(resp.cameras),
+    }
+    if resp.image_size is not None:
+        params["image_size"] = int(resp.image_size)
+    return InferResponse(response_id=request_id or str(uuid.uuid4()), model_name=model_name, infer_outputs=outputs,
+                         model_version=resp.model_version, parameters=params, use_binary_outputs=binary)
+
+
+def from_infer_response(response: InferResponse) -> StepResponse:
+    """Parse a response from either client; a malformed one raises ``InvalidInput``."""
+    params = _parameters(response.parameters)
+    arrays = {}
+    for name, (datatype, dtype, rank) in OUTPUTS.items():
+        out = response.get_output_by_name(name)
+        if out is None:
+            raise InvalidInput(f"response has no output {name!r}")
+        if out.datatype != datatype:
+            raise InvalidInput(f"response output {name!r} is {out.datatype}, expected {datatype}")
+        array = np.asarray(out.as_numpy(), dtype=dtype)
+        if array.ndim != rank:
+            raise InvalidInput(f"response output {name!r} has shape {array.shape}, expected rank {rank}")
+        arrays[name] = array
+    missing = [k for k in ("model_version", "session_id", "chunk_index", "embodiment", "control_rate_hz")
+               if k not in params]
+    if missing:
+        raise InvalidInput(f"response lacks parameters {missing}")
+    cameras = params.get("cameras") or ""
+    image_size = params.get("image_size")
+    try:
+        return StepResponse(actions=arrays["actions"], targets=arrays["targets"],
+                            model_version=str(params["model_version"]), session_id=str(params["session_id"]),
+                            chunk_index=int(params["chunk_index"]), embodiment=str(params["embodiment"]),
+                            control_rate_hz=float(params["control_rate_hz"]),
+                            cameras=tuple(cameras.split(",")) if cameras else (),
+                            image_size=None if image_size is None else int(image_size))
+    except (TypeError, ValueError) as err:
+        raise InvalidInput(f"response parameters are malformed ({err})") from None
+
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "MODEL_CHANGED",
+    "MODES",
+    "OUT_OF_ORDER",
+    "UNKNOWN_SESSION",
+    "StepRequest",
+    "StepResponse",
+    "from_infer_request",
+    "from_infer_response",
+    "to_infer_request",
+    "to_infer_response",
+]

@@ -1,0 +1,76 @@
+"""A simulated fleet (robot processes) against the real policy server on 127.0.0.1, through `lingbot fleet`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "robot_client"))
+from server_process import MODEL_DIRS, ServerProcess
+
+sys.path.insert(0, str(MODEL_DIRS))
+from model_dirs import TASK, write_model_dir
+
+from pipelines.cli import main
+from services.fleet.fleet import run_fleet, summarize_robot
+from services.fleet.settings import FleetSettings
+from services.robot_client.settings import RobotSettings
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    with ServerProcess(write_model_dir(root / "model"), root / "server.log") as srv:
+        yield srv
+
+
+def test_fleet_command_runs_two_robots_and_writes_the_report(server, tmp_path, capsys):
+    out = tmp_path / "fleet.json"
+    code = main(["fleet", "--endpoint", server.grpc_endpoint, "--robots", "2", "--episodes", "1", "--task", TASK,
+                 "--max-steps", "24", "--image-size", "32", "--control-rate-hz", "20", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "robot-0" in printed and "robot-1" in printed and "of 2 robots served on time" in printed
+    rep = json.loads(out.read_text())
+    assert rep["robots"] == 2 and rep["mode"] == "async" and rep["task"] == TASK
+    assert [r["robot"] for r in rep["per_robot"]] == ["robot-0", "robot-1"]
+    for r in rep["per_robot"]:
+        assert r["episodes"] == 1 and r["errors"] == 0, r["error_examples"]
+        assert r["steps"] == 24 or r["successes"] == 1
+        assert r["chunks"] >= 3 and r["requests"] >= r["chunks"]
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
+        assert 0.0 <= r["on_time_pct"] <= 100.0 and r["stalls"] >= 0
+    assert 0 <= rep["robots_on_time"] <= 2
+    assert rep["overall"]["episodes"] == 2 and rep["overall"]["chunks"] == sum(r["chunks"] for r in rep["per_robot"])
+    episodes = rep["episodes"]
+    assert sorted(e["variant"] for e in episodes) == [0, 1]
+    assert len({e["session_id"] for e in episodes}) == 2  # one session per robot episode
+    assert all("latency_ms" not in e for e in episodes)
+
+
+def test_a_robot_that_cannot_start_is_reported_not_fatal(tmp_path):
+    fleet = FleetSettings(robots=1, task=TASK, cameras=("corner4", "no-such-camera"), image_size=32,
+                          start_timeout_s=60)
+    rep = run_fleet(fleet, RobotSettings(endpoint="127.0.0.1:9"))  # never contacted
+    (robot,) = rep["per_robot"]
+    assert robot["episodes"] == 0 and robot["errors"] == 1
+    assert "unknown camera" in robot["error_examples"][0]
+    assert rep["robots_on_time"] == 0
+
+
+def test_robot_summary_aggregates_its_episodes():
+    def episode(on_time, late, latency, success, error=None):
+        return {"success": success, "steps": 10, "policy_steps": 8, "chunks": on_time + late + 1,
+                "on_time_chunks": on_time, "late_chunks": late, "stalls": late, "holds": 2 * late, "resets": 0,
+                "reconnects": 0, "rejected_chunks": 0, "stale_chunks": 0, "saturated_actions": 0, "stall_s": 0.1 * late,
+                "wall_s": 1.0, "latency_ms": latency, "error": error}
+
+    summary = summarize_robot("r", [episode(9, 1, [10.0, 20.0], True), episode(10, 0, [30.0, 40.0], False, "x")])
+    assert summary["episodes"] == 2 and summary["successes"] == 1 and summary["success_rate"] == 0.5
+    assert summary["on_time_pct"] == pytest.approx(95.0)  # 19 of 20 accounted chunks
+    assert summary["latency_ms_p50"] == pytest.approx(25.0) and summary["requests"] == 4
+    assert summary["stalls"] == 1 and summary["holds"] == 2 and summary["errors"] == 1
+    assert summarize_robot("r", [])["on_time_pct"] is None
