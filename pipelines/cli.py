@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.fleet.commands import add_parser as add_fleet_parser
 
     add_fleet_parser(sub)
+    from pipelines.settings_reference import add_parser as add_settings_parser
+
+    add_settings_parser(sub)
 
     demo = sub.add_parser("demo", help="train a model briefly on synthetic data and sample an action chunk")
     demo.add_argument("--preset", default="tiny")
