@@ -7,7 +7,12 @@ positions. Async vs sync runs the world model paced at the Sawyer's 80 Hz contro
 what a robot would see.
 Writes bench/results/eval_mt10.json (partial results are kept: a missing model is recorded as such).
 
-Usage: .venv/bin/python bench/eval_mt10.py [--episodes 10] [--max-steps 300] [--async-tasks reach-v3,push-v3]
+With ``--reports data/metrics`` the world model's per-task numbers are read from the `evaluate@<task>` DVC stages
+reports (``eval-<task>.json``: the same rollouts, held-out seed 1, written by `lingbot evaluate`) when they cover at
+least ``--episodes`` episodes of the sync mode, instead of rolling the same episodes out a second time.
+
+Usage: .venv/bin/python bench/eval_mt10.py [--episodes 10] [--max-steps 300] [--reports data/metrics]
+       [--async-tasks reach-v3,drawer-close-v3] [--skip-variants]
 """
 
 from __future__ import annotations
@@ -26,9 +31,23 @@ def run(model_dir: Path, task: str, **kw) -> dict:
 
     r = evaluate(model_dir, [task], videos_per_task=0, **kw)
     t = r["tasks"][task]
-    keep = ("episodes", "success_rate", "progress", "steps_to_success", "episode_wall_s", "plan_ms_p50",
-            "nan_episodes", "errors")
-    return {k: t[k] for k in keep}
+    return {k: t[k] for k in KEEP}
+
+
+KEEP = ("episodes", "success_rate", "progress", "steps_to_success", "episode_wall_s", "plan_ms_p50", "nan_episodes",
+        "errors")
+
+
+def from_report(reports: Path | None, task: str, episodes: int) -> dict | None:
+    """The sync-mode numbers of ``task`` from the gate's report (dvc stage evaluate@task), if it covers ``episodes``."""
+    path = reports / f"eval-{task}.json" if reports else None
+    if path is None or not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    t = report.get("tasks", {}).get(task)
+    if report.get("mode") != "sync" or report.get("eval_seed") != 1 or not t or t["episodes"] < episodes:
+        return None
+    return {**{k: t[k] for k in KEEP}, "source": str(path), "model_version": report.get("model_version")}
 
 
 def summary(per_task: dict) -> dict:
@@ -48,6 +67,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--async-tasks", default="reach-v3,drawer-close-v3", help="tasks for async vs sync ('' = none)")
     parser.add_argument("--async-episodes", type=int, default=5)
+    parser.add_argument("--reports", type=Path, default=None, help="reuse evaluate@<task> reports (world model, sync)")
+    parser.add_argument("--skip-variants", action="store_true", help="world model only (no baseline / 10-demo runs)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_mt10.json")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
@@ -58,14 +79,16 @@ def main() -> None:
     variants = {"world_model": "", "baseline": "-reactive"}
     low_data = {"world_model": "-demos10", "baseline": "-reactive-demos10"}
     result["demos_10"] = {"demos_per_task": 10}
-    for key, suffix in [*variants.items(), *((f"demos_10.{k}", v) for k, v in low_data.items())]:
+    plan = [*variants.items(), *((f"demos_10.{k}", v) for k, v in low_data.items())]
+    for key, suffix in plan[:1] if args.skip_variants else plan:
         per_task, missing = {}, []
         for task in tasks:
             model_dir = args.runs / f"posttrain-{task}{suffix}" / "model"
             if not (model_dir / "config.json").is_file():
                 missing.append(task)
                 continue
-            per_task[task] = run(model_dir, task, **common)
+            reused = from_report(args.reports, task, args.episodes) if key == "world_model" else None
+            per_task[task] = reused or run(model_dir, task, **common)
             print(key, task, per_task[task]["success_rate"], flush=True)
         entry = {**summary(per_task), "missing": missing}
         if missing:

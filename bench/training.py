@@ -3,7 +3,8 @@
 For the small preset at ZeRO 0, 2 and 3 (torchrun, 2 processes, gloo): tokens/s over timed steps after warm-up, and
 per-rank bytes of parameters + optimizer state (ZeRO-3 / ZeRO-0 ratio; the goal is <= 0.55).
 Uses data/latents if encoded for the small preset, else synthetic latents of the same shape.
-Writes bench/results/training.json.  Usage: .venv/bin/python bench/training.py [--steps 5]
+Writes bench/results/training.json (bf16); the fp32 run: --precision fp32 --out bench/results/training_fp32.json.
+Usage: .venv/bin/python bench/training.py [--steps 5]
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def state_bytes(engine) -> dict[str, int]:
     for st in inner.state.values():
         for t in st.values():
             add(t)
-    # fp32 master copies: ZeRO-1/2, ZeRO-3, and DeepSpeed's BF16_Optimizer (bf16 without ZeRO partitioning)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+    # fp32 master copies: ZeRO-1/2, ZeRO-3, DeepSpeed's BF16_Optimizer, and FP16_(Unfused)Optimizer, which DeepSpeed
+    # picks for bf16 without ZeRO when the client optimizer is not fused (fp32_groups: one list of tensors per group)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups_flat", "fp32_groups"):
         for t in getattr(engine.optimizer, name, []) or []:
-            add(t)
+            for x in t if isinstance(t, (list, tuple)) else [t]:
+                add(x)
     return {"param_bytes": params, "optimizer_state_bytes": opt, "total": params + opt,
             "optimizer_class": type(engine.optimizer).__name__}
 
@@ -84,7 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--token-budget", type=int, default=4096)
     parser.add_argument("--latents", default=None)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    # bf16 is what the platform trains in on GPUs (precision "auto"); fp32 ZeRO-3 keeps a second fp32 partition copy
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--out", default="bench/results/training.json")
     args = parser.parse_args()
     if args.worker:
@@ -98,7 +103,7 @@ def main() -> None:
         source = "encoded"
         if not index.is_file() or json.loads(index.read_text())["latent_channels"] != get_preset("small").latent_channels:
             latents, source = write_synthetic_latents(Path(tmp) / "latents", get_preset("small")), "synthetic"
-        results = {}
+        results, load = {}, [round(x, 2) for x in os.getloadavg()]
         for zero in (0, 2, 3):
             out = Path(tmp) / f"zero{zero}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
@@ -119,6 +124,8 @@ def main() -> None:
                                  for z, r in results.items()},
         "zero3_vs_zero0_memory_ratio": round(results[3]["total"] / results[0]["total"], 3),
         "mfu_gpu": "bench/mfu.py (needs a GPU) -> bench/results/mfu.json",
+        # tokens/s only mean something on an otherwise idle machine; the memory numbers do not depend on load
+        "load_average_1_5_15min_before": load,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -36,7 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
     train.add_argument("--activation-checkpointing", action="store_true", default=None)
     train.add_argument("--no-register", dest="register_model", action="store_false", default=None)
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
+    resume.add_argument("--resume-if-present", dest="resume", action="store_const", const="auto",
+                        help="continue from the latest checkpoint if there is one, else start (restartable pods)")
     train.set_defaults(func=run)
 
 

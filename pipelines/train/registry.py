@@ -389,18 +389,23 @@ def artifact_root(data_dir: Path) -> Path:
 
 
 def ensure_experiment(name: str, data_dir: Path) -> str:
-    """Id of experiment ``name`` on the current tracking URI, created (artifacts under the data dir) if missing.
+    """Id of experiment ``name`` on the current tracking URI, created if missing: with a local store (sqlite / file)
+    its artifacts go under the data dir; with a tracking server the server's artifact store is used (``mlflow-
+    artifacts:/``), so pods elsewhere (the gate, the policy server) can download what a training pod logged.
 
     An existing experiment keeps its artifact location; a deleted one is restored.
     """
+    from urllib.parse import urlparse
+
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = artifact_root(data_dir) / name
+        local = urlparse(mlflow.get_tracking_uri()).scheme in ("", "file", "sqlite")
+        location = (artifact_root(data_dir) / name).as_uri() if local else None
         try:
-            return client.create_experiment(name, artifact_location=location.as_uri())
+            return client.create_experiment(name, artifact_location=location)
         except MlflowException:
             # another process created it in between (sqlite has a unique name constraint): use theirs
             experiment = client.get_experiment_by_name(name)

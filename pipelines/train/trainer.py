@@ -98,8 +98,12 @@ def _predict_val_chunk(model: LingBotVA, loader: PackedWindows | None):
     return item["video"], predicted, max(1, len(episode.get("cameras", [])))
 
 
-def train(settings: TrainSettings, *, resume: bool = False, progress: bool | None = None) -> dict:
-    """Run (or resume) one training stage; returns a summary (final step, losses, model dir)."""
+def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool | None = None) -> dict:
+    """Run (or resume) one training stage; returns a summary (final step, losses, model dir).
+
+    ``resume=True`` requires a checkpoint; ``resume="auto"`` continues from one when it exists and starts fresh
+    otherwise (a restarted cluster pod: the first attempt has nothing to resume).
+    """
     from pipelines.train.tracking import Tracker
 
     index_file = settings.latents / "index.json"
@@ -121,11 +125,12 @@ def train(settings: TrainSettings, *, resume: bool = False, progress: bool | Non
     rng = np.random.default_rng([settings.seed, rank])
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
     ckpt_dir = settings.output / "checkpoints"
-    step, run_id = 0, None
-    if resume:
+    step, run_id, client = 0, None, None
+    if resume and (resume != "auto" or (ckpt_dir / "latest").is_file()):  # DeepSpeed writes `latest` last
         path, client = engine.load_checkpoint(str(ckpt_dir))
         if path is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
+    if client is not None:
         step, run_id = client["step"], client.get("mlflow_run_id")
         rng.bit_generator.state = client["data_rng"][rank]
         gen.set_state(client["noise_rng"][rank])

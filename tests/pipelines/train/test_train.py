@@ -74,7 +74,8 @@ def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
 
 def test_kill_and_resume_continues_the_same_run(data):
     cli(*train_args(data, "straight", "--steps", "6", "--no-register"))
-    cli(*train_args(data, "resumed", "--steps", "6", "--max-steps-this-run", "3", "--no-register"))
+    # a restartable pod's first attempt: --resume-if-present with nothing to resume starts from step 0
+    cli(*train_args(data, "resumed", "--steps", "6", "--max-steps-this-run", "3", "--no-register"), "--resume-if-present")
     stopped = json.loads((data / "runs" / "resumed" / "summary.json").read_text())
     assert stopped["step"] == 3 and not stopped["finished"]
     cli(*train_args(data, "resumed", "--steps", "6", "--no-register"), "--resume")
