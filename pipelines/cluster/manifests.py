@@ -32,7 +32,13 @@ PART_OF = "lingbot-va"
 TASK_LABEL = "platform.lingbot-va.io/task"
 ROLLOUT_ANNOTATION = "platform.lingbot-va.io/rollout"
 """Pod annotation set to the deploying workflow's name on the canary: a new value restarts those pods."""
-SERVE_PORT = 8080  # kserve's default HTTP port, which Standard mode's Service targets
+HTTP_PORT = 8080  # kserve's default REST port, which Standard mode's Service targets
+GRPC_PORT = 8081  # kserve's default gRPC port: the robots' primary protocol
+TOKEN_KEY = "token"
+"""Key of the bearer token in ``ClusterSettings.serve_token_secret`` (the infra's lingbot-va-policy-token)."""
+SERVE_DATA = "/var/lib/lingbot"  # the policy server's data dir: downloaded models (a writable emptyDir)
+SERVE_DATA_SIZE = "20Gi"
+HOME = "/home/lingbot"  # the images' HOME: caches, DeepSpeed's compiled ops (TORCH_EXTENSIONS_DIR), default data dirs
 _API = k8s.ApiClient()
 
 
@@ -49,44 +55,21 @@ def labels(component: str, task: str | None = None) -> dict[str, str]:
     return out
 
 
-def env_from(s: ClusterSettings) -> list[k8s.V1EnvFromSource]:
-    """Endpoints from the ConfigMap, S3 credentials from the Secret (created by the platform's infra, never here)."""
-    return [k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(name=s.env_configmap)),
-            k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s.s3_secret))]
+def endpoint_env(s: ClusterSettings, mlflow_uri: str) -> list[k8s.V1EnvVar]:
+    """MLflow and the S3 endpoint as boto3, DVC and MLflow read them, from the same settings the steps' flags use.
+
+    Literal values rather than a ConfigMap: the platform's infra owns the shared objects (service accounts, RBAC,
+    Secrets), and a second copy of the endpoints in a ConfigMap could disagree with the flags.
+    """
+    return [k8s.V1EnvVar(name="MLFLOW_TRACKING_URI", value=mlflow_uri),
+            k8s.V1EnvVar(name="MLFLOW_S3_ENDPOINT_URL", value=s.s3_endpoint),
+            k8s.V1EnvVar(name="AWS_ENDPOINT_URL", value=s.s3_endpoint),
+            k8s.V1EnvVar(name="AWS_DEFAULT_REGION", value=s.s3_region)]
 
 
-def env_configmap(s: ClusterSettings) -> k8s.V1ConfigMap:
-    """Non-secret environment of every pod: MLflow and the S3 endpoint (boto3, DVC and MLflow read these)."""
-    return k8s.V1ConfigMap(
-        api_version="v1", kind="ConfigMap",
-        metadata=k8s.V1ObjectMeta(name=s.env_configmap, namespace=s.namespace, labels=labels("config")),
-        data={"MLFLOW_TRACKING_URI": s.mlflow_uri, "MLFLOW_S3_ENDPOINT_URL": s.s3_endpoint,
-              "AWS_ENDPOINT_URL": s.s3_endpoint, "AWS_DEFAULT_REGION": s.s3_region})
-
-
-def pipeline_rbac(s: ClusterSettings) -> list[Any]:
-    """The service account the workflows run as, allowed to create what their resource templates create."""
-    meta = dict(namespace=s.namespace, labels=labels("pipeline"))
-    rules = [
-        # Argo >= 3.4 executors report step outputs through WorkflowTaskResults
-        k8s.V1PolicyRule(api_groups=["argoproj.io"], resources=["workflowtaskresults"], verbs=["create", "patch"]),
-        k8s.V1PolicyRule(api_groups=["kubeflow.org"], resources=["pytorchjobs"],
-                         verbs=["get", "list", "watch", "create", "patch", "delete"]),
-        k8s.V1PolicyRule(api_groups=["serving.kserve.io"], resources=["inferenceservices"],
-                         verbs=["get", "list", "watch", "create", "patch", "update"]),
-    ]
-    return [
-        k8s.V1ServiceAccount(api_version="v1", kind="ServiceAccount",
-                             metadata=k8s.V1ObjectMeta(name=s.service_account, **meta)),
-        k8s.V1Role(api_version="rbac.authorization.k8s.io/v1", kind="Role",
-                   metadata=k8s.V1ObjectMeta(name=s.service_account, **meta), rules=rules),
-        k8s.V1RoleBinding(api_version="rbac.authorization.k8s.io/v1", kind="RoleBinding",
-                          metadata=k8s.V1ObjectMeta(name=s.service_account, **meta),
-                          role_ref=k8s.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role",
-                                                 name=s.service_account),
-                          subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=s.service_account,
-                                                      namespace=s.namespace)]),
-    ]
+def s3_credentials(s: ClusterSettings) -> list[k8s.V1EnvFromSource]:
+    """AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the Secret the platform's infra creates (never here)."""
+    return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s.s3_secret))]
 
 
 def data_volume(s: ClusterSettings) -> k8s.V1PersistentVolumeClaim:
@@ -99,30 +82,45 @@ def data_volume(s: ClusterSettings) -> k8s.V1PersistentVolumeClaim:
             resources=k8s.V1VolumeResourceRequirements(requests={"storage": s.data_volume_size})))
 
 
-def container_security(s: ClusterSettings) -> k8s.V1SecurityContext:
-    return k8s.V1SecurityContext(run_as_non_root=True, run_as_user=s.run_as_user, allow_privilege_escalation=False,
+def container_security() -> k8s.V1SecurityContext:
+    """The restricted profile of the namespace (Pod Security "restricted") plus a read-only root filesystem:
+    what a container may write is a volume (``scratch_volumes``, the data volumes)."""
+    return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True,
                                  capabilities=k8s.V1Capabilities(drop=["ALL"]))
 
 
 def pod_security(s: ClusterSettings) -> k8s.V1PodSecurityContext:
     # fs_group: volumes (PVCs, emptyDirs) become writable by the images' non-root user
     return k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=s.run_as_user, run_as_group=s.run_as_user,
-                                    fs_group=s.run_as_user)
+                                    fs_group=s.run_as_user,
+                                    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+
+
+def scratch_volumes() -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    """Writable ``HOME`` and ``/tmp`` over the read-only root filesystem (caches, DeepSpeed's JIT-built ops, git
+    clones of ``dvc get``); they live as long as the pod."""
+    names = {"home": HOME, "tmp": "/tmp"}
+    return ([k8s.V1Volume(name=n, empty_dir=k8s.V1EmptyDirVolumeSource()) for n in names],
+            [k8s.V1VolumeMount(name=n, mount_path=path) for n, path in names.items()])
 
 
 def tolerations(items) -> list[k8s.V1Toleration]:
     return [k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in items]
 
 
+def bounded(requests: dict[str, str]) -> k8s.V1ResourceRequirements:
+    """Limits equal to the requests: every pipeline pod is bounded (Guaranteed QoS where it has no GPU share)."""
+    return k8s.V1ResourceRequirements(requests=dict(requests), limits=dict(requests))
+
+
 def gpu_resources(s: ClusterSettings, gpus: int) -> k8s.V1ResourceRequirements:
     """One training pod's share of a node: ``gpus`` GPUs and the CPU/memory that feed them."""
-    requests = {"cpu": str(s.cpu_per_gpu * gpus), "memory": f"{s.memory_per_gpu_gi * gpus}Gi",
-                "nvidia.com/gpu": str(gpus)}
-    return k8s.V1ResourceRequirements(requests=requests, limits={"nvidia.com/gpu": str(gpus)})
+    return bounded({"cpu": str(s.cpu_per_gpu * gpus), "memory": f"{s.memory_per_gpu_gi * gpus}Gi",
+                    "nvidia.com/gpu": str(gpus)})
 
 
 def pytorch_job(s: ClusterSettings, *, name: str, component: str, task: str | None, image: str, args: list[str],
-                nodes: int, nproc_per_node: str, resources: k8s.V1ResourceRequirements,
+                nodes: int, nproc_per_node: str, resources: k8s.V1ResourceRequirements, mlflow_uri: str,
                 volumes: list[k8s.V1Volume], mounts: list[k8s.V1VolumeMount], gpu: bool,
                 elastic: KubeflowOrgV1ElasticPolicy | None = None) -> KubeflowOrgV1PyTorchJob:
     """A PyTorchJob of ``nodes`` pods (1 Master + ``nodes - 1`` Workers) each running ``torchrun <args>``.
@@ -131,13 +129,15 @@ def pytorch_job(s: ClusterSettings, *, name: str, component: str, task: str | No
     ``PET_NPROC_PER_NODE``, or the rendezvous settings of an elastic policy), so the command needs no launcher flags.
     """
     shm = k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=s.shm_size))
+    scratch, scratch_mounts = scratch_volumes()
     container = k8s.V1Container(
-        name="pytorch", image=image, command=["torchrun"], args=args, env_from=env_from(s), resources=resources,
-        volume_mounts=[*mounts, k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
-        security_context=container_security(s))
+        name="pytorch", image=image, command=["torchrun"], args=args, env=endpoint_env(s, mlflow_uri),
+        env_from=s3_credentials(s), resources=resources,
+        volume_mounts=[*mounts, *scratch_mounts, k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        security_context=container_security())
     pod = k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(labels=labels(component, task)),
-        spec=k8s.V1PodSpec(containers=[container], volumes=[*volumes, shm], security_context=pod_security(s),
+        spec=k8s.V1PodSpec(containers=[container], volumes=[*volumes, *scratch, shm], security_context=pod_security(s),
                            node_selector=(s.gpu_node_selector or None) if gpu else None,
                            tolerations=tolerations(s.gpu_tolerations) if gpu else None))
     replicas = {"Master": KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="OnFailure", template=pod)}
@@ -153,27 +153,45 @@ def pytorch_job(s: ClusterSettings, *, name: str, component: str, task: str | No
             run_policy=KubeflowOrgV1RunPolicy(clean_pod_policy="None", backoff_limit=3)))
 
 
+def serve_resources(s: ClusterSettings) -> k8s.V1ResourceRequirements:
+    gpu = {"nvidia.com/gpu": str(s.serve_gpus)} if s.serve_gpus else {}
+    return k8s.V1ResourceRequirements(requests={"cpu": s.serve_cpu, "memory": s.serve_memory, **gpu},
+                                      limits={"cpu": s.serve_cpu_limit, "memory": s.serve_memory_limit, **gpu})
+
+
+def _probe(path: str, period: int, failures: int | None = None) -> k8s.V1Probe:
+    return k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path=path, port=HTTP_PORT), period_seconds=period,
+                       failure_threshold=failures)
+
+
 def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, name: str | None,
                replicas: int, annotations: dict[str, str] | None) -> V1beta1PredictorSpec:
-    ready = k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path="/v2/health/ready", port=SERVE_PORT),
-                        period_seconds=10, failure_threshold=60)  # loading a large model takes minutes
-    resources = k8s.V1ResourceRequirements(
-        requests={"cpu": s.serve_cpu, "memory": s.serve_memory, **({"nvidia.com/gpu": str(s.serve_gpus)}
-                                                                   if s.serve_gpus else {})},
-        limits={"nvidia.com/gpu": str(s.serve_gpus)} if s.serve_gpus else None)
+    """One Deployment of ``lingbot serve``, shaped like the platform's own endpoint (infra/kustomize/base/policy.yaml):
+    REST + gRPC ports, the bearer token from the infra's Secret, a read-only root with writable data and /tmp."""
+    token = k8s.V1EnvVar(name="LINGBOT_SERVE_TOKEN", value_from=k8s.V1EnvVarSource(
+        secret_key_ref=k8s.V1SecretKeySelector(name=s.serve_token_secret, key=TOKEN_KEY)))
     container = k8s.V1Container(
-        name="kserve-container", image=image, env_from=env_from(s), resources=resources, readiness_probe=ready,
-        ports=[k8s.V1ContainerPort(name="http1", container_port=SERVE_PORT, protocol="TCP")],
-        security_context=container_security(s),
-        # --poll-interval-s 0: a pod keeps the champion it loaded at start; the canary pods, restarted by every
-        # deployment, take the new champion first (see inference_service)
+        name="kserve-container", image=image, resources=serve_resources(s), security_context=container_security(),
+        # --host 0.0.0.0: the server's default (127.0.0.1) is unreachable from the Service. --poll-interval-s 0: a
+        # pod keeps the champion it loaded at start; the canary pods, restarted by every deployment, take the new
+        # champion first (see inference_service)
         args=["serve", "--model", f"models:/lingbot-va-{task}@champion", "--host", "0.0.0.0",
-              "--device", "cuda" if s.serve_gpus else "cpu", "--tracking-uri", mlflow_uri, "--poll-interval-s", "0",
-              "--http_port", str(SERVE_PORT)])
+              "--device", "cuda" if s.serve_gpus else "cpu", "--tracking-uri", mlflow_uri, "--data-dir", SERVE_DATA,
+              "--poll-interval-s", "0", "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+        env=[token, k8s.V1EnvVar(name="HOME", value="/tmp")],
+        ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"),
+               k8s.V1ContainerPort(name="h2c", container_port=GRPC_PORT, protocol="TCP")],
+        startup_probe=_probe("/v2/health/live", 10, 60),  # the first load downloads the model from the registry
+        readiness_probe=_probe("/v2/health/ready", 10), liveness_probe=_probe("/v2/health/live", 20),
+        volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=SERVE_DATA),
+                       k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
     return V1beta1PredictorSpec(
-        name=name, containers=[container], min_replicas=replicas, annotations=annotations,
+        name=name, containers=[container], min_replicas=replicas, max_replicas=replicas, annotations=annotations,
+        service_account_name=s.serve_service_account, automount_service_account_token=False,
         node_selector=dict(s.edge_node_selector), tolerations=tolerations(s.edge_tolerations),
-        security_context=pod_security(s))
+        security_context=pod_security(s),
+        volumes=[k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=SERVE_DATA_SIZE)),
+                 k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())])
 
 
 def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str,

@@ -43,7 +43,6 @@ class ClusterSettings(BaseSettings):
     s3_region: str = Field("us-east-1", description="S3 region (MinIO ignores it; boto3 needs one)")
     s3_secret: str = Field("lingbot-va-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     mlflow_uri: str = Field("http://mlflow.lingbot.svc.cluster.local:5000", description="MLflow tracking URI")
-    env_configmap: str = Field("lingbot-va-env", description="ConfigMap with the non-secret endpoint variables")
     storage_class: str | None = Field(None, description="ReadWriteMany storage class of shared volumes "
                                                         "(None: the cluster default)")
     workspace_size: str = Field("200Gi", description="per-run volume of a post-training workflow")
@@ -76,8 +75,14 @@ class ClusterSettings(BaseSettings):
         description="taints of the edge GPU nodes the policy server tolerates")
     serve_gpus: int = Field(1, ge=0, description="nvidia.com/gpu per policy-server pod")
     serve_replicas: int = Field(1, ge=1, description="policy-server pods of the stable predictor")
-    serve_cpu: str = Field("4", description="CPU request of a policy-server pod")
-    serve_memory: str = Field("32Gi", description="memory request of a policy-server pod")
+    serve_cpu: str = Field("2", description="CPU request of a policy-server pod")
+    serve_memory: str = Field("8Gi", description="memory request of a policy-server pod")
+    serve_cpu_limit: str = Field("4", description="CPU limit of a policy-server pod")
+    serve_memory_limit: str = Field("16Gi", description="memory limit of a policy-server pod")
+    serve_service_account: str = Field("lingbot-va-policy", description="service account of the policy-server pods "
+                                                                        "(created by the platform's infra)")
+    serve_token_secret: str = Field("lingbot-va-policy-token", description="Secret whose key `token` is the bearer "
+                                                                            "token robots send (LINGBOT_SERVE_TOKEN)")
     canary_percent: int = Field(10, ge=0, le=100, description="traffic share of the canary pods, restarted by every "
                                                            "deployment so they load the new champion (0: dark)")
 
@@ -93,7 +98,8 @@ class ClusterSettings(BaseSettings):
     data_volume: str = Field("lingbot-va-data", description="ReadWriteMany PVC of latents and pretraining runs")
     data_volume_size: str = Field("20Ti", description="size of the data PVC")
 
-    @field_validator("namespace", "service_account", "env_configmap", "s3_secret", "data_volume")
+    @field_validator("namespace", "service_account", "s3_secret", "data_volume", "serve_service_account",
+                     "serve_token_secret")
     @classmethod
     def _dns_name(cls, value: str) -> str:
         if not _DNS_LABEL.fullmatch(value) or len(value) > 63:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import yaml
 from hera.workflows import (
-    ConfigMapEnvFrom,
     Container,
     Parameter,
     Resource,
@@ -55,18 +54,31 @@ def _manifest(obj) -> str:
     return yaml.safe_dump(manifests.to_dict(obj), sort_keys=False, width=1000)
 
 
+def _hera(model: type, obj):
+    """A kubernetes-client object as the equivalent hera model: the pod-level pieces have one source
+    (``manifests``) whether they end up in a PyTorchJob, an InferenceService or an Argo step."""
+    return model.model_validate(manifests.to_dict(obj))
+
+
 def _pod_security(s: ClusterSettings) -> m.PodSecurityContext:
-    return m.PodSecurityContext(run_as_non_root=True, run_as_user=s.run_as_user, run_as_group=s.run_as_user,
-                                fs_group=s.run_as_user)
+    return _hera(m.PodSecurityContext, manifests.pod_security(s))
 
 
-def _env_from(s: ClusterSettings) -> list:
-    return [ConfigMapEnvFrom(name=s.env_configmap), SecretEnvFrom(name=s.s3_secret)]
+def _container_security() -> m.SecurityContext:
+    return _hera(m.SecurityContext, manifests.container_security())
 
 
-def _container_security(s: ClusterSettings) -> m.SecurityContext:
-    return m.SecurityContext(run_as_non_root=True, run_as_user=s.run_as_user, allow_privilege_escalation=False,
-                             capabilities=m.Capabilities(drop=["ALL"]))
+def _env(s: ClusterSettings, *extra: k8s.V1EnvVar) -> list[m.EnvVar]:
+    return [_hera(m.EnvVar, e) for e in (*manifests.endpoint_env(s, _param("mlflow-uri")), *extra)]
+
+
+def _scratch() -> tuple[list[m.Volume], list[m.VolumeMount]]:
+    volumes, mounts = manifests.scratch_volumes()
+    return [_hera(m.Volume, v) for v in volumes], [_hera(m.VolumeMount, v) for v in mounts]
+
+
+def _bounded(cpu: str, memory: str) -> m.ResourceRequirements:
+    return _hera(m.ResourceRequirements, manifests.bounded({"cpu": cpu, "memory": memory}))
 
 
 def _dvc_get(s: ClusterSettings, root: str, volume: str) -> Container:
@@ -80,9 +92,11 @@ def _dvc_get(s: ClusterSettings, root: str, volume: str) -> Container:
         args=["get", s.git_repo, path, "--rev", _param("data-version"), "--out", f"{root}/{path}", "--force",
               "--remote-config", f"url={s.dvc_remote_url}", f"endpointurl={s.s3_endpoint}"],
         inputs=[Parameter(name="path", description="DVC-tracked path in the repository")],
-        env_from=_env_from(s), volume_mounts=[m.VolumeMount(name=volume, mount_path=root)],
-        resources=m.ResourceRequirements(requests={"cpu": m.Quantity("2"), "memory": m.Quantity("4Gi")}),
-        security_context=_container_security(s))
+        # DVC keeps its site cache in /var/tmp by default: on the read-only root, so under the /tmp volume
+        env=_env(s, k8s.V1EnvVar(name="DVC_SITE_CACHE_DIR", value="/tmp/dvc")),
+        env_from=[SecretEnvFrom(name=s.s3_secret)],
+        volume_mounts=[m.VolumeMount(name=volume, mount_path=root), *_scratch()[1]],
+        resources=_bounded("2", "4Gi"), security_context=_container_security())
 
 
 def _volume_claim(s: ClusterSettings, name: str, size: str) -> m.PersistentVolumeClaim:
@@ -106,7 +120,7 @@ def posttrain_template(s: ClusterSettings) -> WorkflowTemplate:
     job = manifests.pytorch_job(
         s, name="{{workflow.name}}-train", component="posttrain", task=task, image=_param("image"),
         nodes=s.posttrain_nodes, nproc_per_node=str(s.gpus_per_node), gpu=True,
-        resources=manifests.gpu_resources(s, s.gpus_per_node),
+        resources=manifests.gpu_resources(s, s.gpus_per_node), mlflow_uri=_param("mlflow-uri"),
         volumes=[k8s.V1Volume(name="workspace",
                               persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=claim))],
         mounts=[k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE)],
@@ -122,10 +136,9 @@ def posttrain_template(s: ClusterSettings) -> WorkflowTemplate:
               "--episodes", _param("eval-episodes"), "--workers", str(s.eval_workers),
               "--data-dir", f"{WORKSPACE}/data", "--tracking-uri", _param("mlflow-uri"),
               "--out", f"{WORKSPACE}/data/metrics/eval-{task}.json"],
-        env_from=_env_from(s), volume_mounts=[m.VolumeMount(name="workspace", mount_path=WORKSPACE)],
-        resources=m.ResourceRequirements(requests={"cpu": m.Quantity(str(s.eval_workers)),
-                                                   "memory": m.Quantity(f"{2 * s.eval_workers}Gi")}),
-        security_context=_container_security(s))
+        env=_env(s), env_from=[SecretEnvFrom(name=s.s3_secret)],
+        volume_mounts=[m.VolumeMount(name="workspace", mount_path=WORKSPACE), *_scratch()[1]],
+        resources=_bounded(str(s.eval_workers), f"{2 * s.eval_workers}Gi"), security_context=_container_security())
     isvc = manifests.inference_service(s, task=task, image=_param("image"), mlflow_uri=_param("mlflow-uri"),
                                        rollout="{{workflow.name}}")
     deploy = Resource(name="deploy", action="apply", manifest=_manifest(isvc), success_condition=ISVC_READY,
@@ -150,16 +163,16 @@ def posttrain_template(s: ClusterSettings) -> WorkflowTemplate:
             Parameter(name="cpu-image", value=s.image(CPU_IMAGE), description="data + simulation-gate image"),
             Parameter(name="mlflow-uri", value=s.mlflow_uri, description="MLflow tracking URI"),
         ],
-        volume_claim_templates=[_volume_claim(s, "workspace", s.workspace_size)],
+        volume_claim_templates=[_volume_claim(s, "workspace", s.workspace_size)], volumes=_scratch()[0],
         templates=[pipeline, _dvc_get(s, WORKSPACE, "workspace"), train, gate, deploy])
 
 
 def posttrain_documents(s: ClusterSettings) -> list[dict]:
-    """Everything ``kubectl apply -f pipelines/posttrain.yaml`` needs: config, RBAC, the pipeline and one run."""
+    """``kubectl apply -f pipelines/posttrain.yaml``: the pipeline and one run. The service account, its Role and
+    the Secrets belong to the platform's infra (infra/kustomize or charts/lingbot-platform), installed first."""
     run = _run(f"{POSTTRAIN}-{s.task}", POSTTRAIN, s, [Parameter(name="task", value=s.task)],
                manifests.labels("pipeline", s.task))
-    return [manifests.to_dict(manifests.env_configmap(s)), *map(manifests.to_dict, manifests.pipeline_rbac(s)),
-            posttrain_template(s).to_dict(), run.to_dict()]
+    return [posttrain_template(s).to_dict(), run.to_dict()]
 
 
 # -------------------------------------------------------------------------------------------------------- pretrain
@@ -173,7 +186,7 @@ def pretrain_template(s: ClusterSettings) -> WorkflowTemplate:
     encode = manifests.pytorch_job(
         s, name="{{workflow.name}}-encode", component="encode", task=None, image=_param("cpu-image"),
         nodes=s.encode_nodes, nproc_per_node="1", gpu=False, volumes=data, mounts=mounts,
-        resources=k8s.V1ResourceRequirements(requests={"cpu": "8", "memory": "32Gi"}),
+        resources=manifests.bounded({"cpu": "8", "memory": "32Gi"}), mlflow_uri=_param("mlflow-uri"),
         args=["-m", "pipelines.cli", "data", "encode", "--episodes-dir", f"{DATA}/data/episodes",
               "--prepared-dir", f"{DATA}/data/prepared", "--feast-dir", f"{DATA}/data/feast",
               "--out", f"{DATA}/data/latents", "--preset", _param("preset")])
@@ -183,7 +196,7 @@ def pretrain_template(s: ClusterSettings) -> WorkflowTemplate:
     pretrain = manifests.pytorch_job(
         s, name="{{workflow.name}}-train", component="pretrain", task=None, image=_param("image"),
         nodes=s.pretrain_nodes, nproc_per_node=str(s.gpus_per_node), gpu=True, elastic=elastic, volumes=data,
-        mounts=mounts, resources=manifests.gpu_resources(s, s.gpus_per_node),
+        mounts=mounts, resources=manifests.gpu_resources(s, s.gpus_per_node), mlflow_uri=_param("mlflow-uri"),
         args=["-m", "pipelines.cli", "train", "pretrain", "--preset", _param("preset"), "--steps", _param("steps"),
               "--zero-stage", str(s.pretrain_zero_stage), "--checkpoint-every", str(s.pretrain_checkpoint_every),
               "--data-dir", f"{DATA}/data", "--run-dir", f"{DATA}/data/runs/pretrain", "--tracking-uri",
@@ -206,7 +219,7 @@ def pretrain_template(s: ClusterSettings) -> WorkflowTemplate:
             Parameter(name="mlflow-uri", value=s.mlflow_uri, description="MLflow tracking URI"),
         ],
         volumes=[m.Volume(name="data", persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(
-            claim_name=s.data_volume))],
+            claim_name=s.data_volume)), *_scratch()[0]],
         templates=[pipeline, _dvc_get(s, DATA, "data"),
                    Resource(name="encode", action="create", set_owner_reference=True, manifest=_manifest(encode),
                             success_condition=PYTORCHJOB_SUCCEEDED, failure_condition=PYTORCHJOB_FAILED),
@@ -215,7 +228,7 @@ def pretrain_template(s: ClusterSettings) -> WorkflowTemplate:
 
 
 def pretrain_documents(s: ClusterSettings) -> list[dict]:
-    """``kubectl apply -f pipelines/pretrain.yaml``: config, RBAC, the shared data volume, the pipeline, one run."""
+    """``kubectl apply -f pipelines/pretrain.yaml``: the shared data volume, the pipeline, one run (the service
+    account, its Role and the Secrets belong to the platform's infra, installed first)."""
     run = _run(PRETRAIN, PRETRAIN, s, [], manifests.labels("pipeline"))
-    return [manifests.to_dict(manifests.env_configmap(s)), *map(manifests.to_dict, manifests.pipeline_rbac(s)),
-            manifests.to_dict(manifests.data_volume(s)), pretrain_template(s).to_dict(), run.to_dict()]
+    return [manifests.to_dict(manifests.data_volume(s)), pretrain_template(s).to_dict(), run.to_dict()]

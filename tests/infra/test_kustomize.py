@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from infra_checks import KUSTOMIZE_SETS, NAMESPACE, REPO, find, load_all
+from infra_checks import KUSTOMIZE_SETS, NAMESPACE, REPO, find
 
 from pipelines.cluster.validate import validate_documents
 
@@ -137,18 +137,6 @@ def test_names_follow_the_pipelines_cluster_settings(rendered):
 
     assert any(fnmatch(urlparse(s.mlflow_uri).netloc, h) for h in hosts)
     assert any(fnmatch("mlflow:5000", h) for h in hosts)
-
-
-def test_pipelines_role_grants_nothing_infra_does_not(rendered):
-    """pipelines/*.yaml also carry the workflows' Role (same name): it must not widen what infra grants."""
-    (infra_role,) = find(rendered("kustomize-base"), "Role", "lingbot-va-pipeline")
-    granted = {(g, r, v) for rule in infra_role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-               for v in rule["verbs"]}
-    for path in sorted((REPO / "pipelines").glob("*.yaml")):
-        for role in find(load_all(path.read_text()), "Role"):
-            wanted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-                      for v in rule["verbs"]}
-            assert wanted <= granted, f"{path.name} Role/{role['metadata']['name']}: {sorted(wanted - granted)}"
 
 
 def test_feast_feature_store_matches_the_repo_and_is_valid():

@@ -1,6 +1,15 @@
 """Helpers of the cluster-pipeline tests: default settings (no env, no .env), rendered documents, lookups."""
 
+import contextlib
+import copy
+import functools
+import importlib.util
 import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -57,3 +66,115 @@ def embedded(docs, template_name):
     hits = [m for t, _, m in embedded_manifests(wt, docs) if t == template_name]
     assert len(hits) == 1 and isinstance(hits[0], dict), hits
     return hits[0]
+
+
+# ------------------------------------------------------------------------------------------- the pods they create
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+
+
+def _fill(node, values):
+    """``node`` with ``{{name}}`` placeholders replaced from ``values`` (any other by the word ``sample``)."""
+    if isinstance(node, str):
+        return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), "sample"), node)
+    if isinstance(node, dict):
+        return {k: _fill(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, values) for v in node]
+    return node
+
+
+def _step_inputs(wt, template_name):
+    """The input parameters the first step calling ``template_name`` passes (``{{item}}``: its first item)."""
+    for t in wt["spec"]["templates"]:
+        for group in t.get("steps") or []:
+            for step in group:
+                if step.get("template") == template_name:
+                    item = (step.get("withItems") or ["sample"])[0]
+                    return {p["name"]: str(p.get("value", "")).replace("{{item}}", str(item))
+                            for p in (step.get("arguments") or {}).get("parameters") or []}
+    return {}
+
+
+def pods(docs):
+    """Every pod the pipeline documents make, as a ``Pod`` carrying the labels its controller sets (Argo, the training
+    operator), or the ``InferenceService`` itself (``infra_checks.workloads`` expands its predictors): what the
+    infra's rule checks (tests/infra/infra_checks.py) take. Placeholders are filled with the parameters' defaults."""
+    from pipelines.cluster.validate import embedded_manifests
+
+    out = []
+    for wt in [d for d in docs if d["kind"] == "WorkflowTemplate"]:
+        spec, name = wt["spec"], wt["metadata"]["name"]
+        params = {f"workflow.parameters.{p['name']}": str(p.get("value", ""))
+                  for p in (spec.get("arguments") or {}).get("parameters") or []}
+        for t in spec["templates"]:
+            if "container" not in t:
+                continue
+            inputs = {f"inputs.parameters.{k}": v for k, v in _step_inputs(wt, t["name"]).items()}
+            values = {**params, **{k: _fill(v, params) for k, v in inputs.items()}}
+            pod_spec = {"serviceAccountName": t.get("serviceAccountName", spec.get("serviceAccountName")),
+                        "securityContext": t.get("securityContext", spec.get("securityContext")),
+                        "volumes": [*(spec.get("volumes") or []), *(t.get("volumes") or [])],
+                        "containers": [{"name": "main", **t["container"]}]}
+            labels = {**((t.get("metadata") or {}).get("labels") or {}), "workflows.argoproj.io/workflow": "sample"}
+            out.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}.{t['name']}", "labels": labels},
+                        "spec": _fill(pod_spec, values)})
+        for _, _, manifest in embedded_manifests(wt, docs):
+            if manifest["kind"] == "PyTorchJob":
+                job = manifest["metadata"]["name"]
+                for rtype, replica in manifest["spec"]["pytorchReplicaSpecs"].items():
+                    template = replica["template"]
+                    labels = {**((template.get("metadata") or {}).get("labels") or {}),
+                              "training.kubeflow.org/job-name": job, "training.kubeflow.org/replica-type": rtype.lower()}
+                    out.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{job}-{rtype.lower()}",
+                                                                              "labels": labels},
+                                "spec": template["spec"]})
+            else:
+                out.append(manifest)
+    return out
+
+
+def pod_specs(doc):
+    """``(where, pod spec)`` of a ``Pod`` from ``pods`` or of each predictor of an ``InferenceService``."""
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    if doc["kind"] != "InferenceService":
+        return [(where, doc["spec"])]
+    canaries = [(f"{where} canary[{i}]", c["predictor"]) for i, c in enumerate(doc["spec"].get("canary") or [])]
+    return [(f"{where} predictor", doc["spec"]["predictor"]), *canaries]
+
+
+IMAGE_ENTRYPOINT = ["lingbot"]
+"""ENTRYPOINT of both images (test_cluster_images checks it): what a container without ``command`` runs."""
+
+
+def serve_settings(namespace, container):
+    """``ServeSettings`` as `lingbot serve` builds them in ``container``: the parsed flags (``namespace``) over the
+    container's env (a value from a Secret stands in as ``from-secret``), nothing from this machine's environment or
+    ``.env``."""
+    from services.policy_server.commands import settings_from_args
+
+    env = {e["name"]: e.get("value", "from-secret") for e in container.get("env") or []
+           if "value" in e or "secretKeyRef" in (e.get("valueFrom") or {})}
+    with tempfile.TemporaryDirectory() as empty, contextlib.chdir(empty), mock.patch.dict(os.environ, env, clear=True):
+        return settings_from_args(namespace)
+
+
+# ----------------------------------------------------------------------------------------------- the platform's infra
+def infra_checks():
+    """tests/infra/infra_checks.py: the platform's rule checks and its manifest sets, shared with tests/infra."""
+    if "infra_checks" not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "infra" / "infra_checks.py"
+        spec = importlib.util.spec_from_file_location("infra_checks", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["infra_checks"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["infra_checks"]
+
+
+@functools.cache
+def _infra(name):
+    return infra_checks().render(name)
+
+
+def infra_documents(name):
+    """A fresh copy of one of ``infra_checks.ALL_SETS`` (kustomize-base, chart-default, ...), built once."""
+    return copy.deepcopy(_infra(name))

@@ -2,8 +2,9 @@
 the run, then ask the deployed InferenceService a V2 question.
 
 Runs only with LINGBOT_CLUSTER_TESTS=1 against the current kubectl context, which needs Argo Workflows, the Kubeflow
-training operator, KServe (Standard mode), the platform's infra (MLflow, MinIO, the ``lingbot-va-s3`` Secret, the
-DVC data at ``data-version``) and the images pushed. LINGBOT_E2E_TASK (default reach-v3) picks the task,
+training operator, KServe (Standard mode), the platform's infra (infra/kustomize: MLflow, MinIO, the pipelines'
+service account and Role, the ``lingbot-va-s3`` and ``lingbot-va-policy-token`` Secrets), the DVC data at
+``data-version`` and the images pushed. LINGBOT_E2E_TASK (default reach-v3) picks the task,
 LINGBOT_E2E_TIMEOUT_S (default 7200) bounds the run.
 """
 

@@ -1,14 +1,13 @@
-"""`lingbot render`: the committed pipelines are exactly what the code renders, and what they run is real."""
+"""`lingbot render`: the committed pipelines are exactly what the code renders, and what they run is real
+(every command line is checked by its real parser in test_cluster_commands.py)."""
 
 import copy
 import functools
 import os
-import re
 
-import pytest
 from cluster_docs import default_settings, embedded, find, parse, render_documents, template
 
-from pipelines.cli import build_parser, main
+from pipelines.cli import main
 from pipelines.cluster import render as render_mod
 from pipelines.settings import REPO_ROOT
 
@@ -57,44 +56,6 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path, capsys):
     assert "must be a lower-case slug" in capsys.readouterr().err
 
 
-def _fill(value, params):
-    return re.sub(r"\{\{workflow\.parameters\.([\w-]+)\}\}", lambda m: params[m.group(1)], value)
-
-
-def _cli_args(path):
-    """Every `lingbot ...` argument list the pipeline runs, placeholders filled with the defaults."""
-    docs = _rendered()[path]
-    wt = find(docs, "WorkflowTemplate")
-    params = {p["name"]: p["value"] for p in wt["spec"]["arguments"]["parameters"]}
-    runs = {}
-    for t in wt["spec"]["templates"]:
-        if "container" in t and t["container"].get("command") is None:  # the image's entrypoint: lingbot
-            runs[t["name"]] = [_fill(a, params) for a in t["container"]["args"]]
-        if "resource" in t:
-            obj = embedded(docs, t["name"])
-            if obj["kind"] == "PyTorchJob":
-                pod = obj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-                args = pod["containers"][0]["args"]
-                assert pod["containers"][0]["command"] == ["torchrun"] and args[:2] == ["-m", "pipelines.cli"]
-                runs[t["name"]] = args[2:]
-            else:
-                runs[t["name"]] = obj["spec"]["predictor"]["containers"][0]["args"]
-    return runs
-
-
-@pytest.mark.parametrize("path, expected", [
-    ("pipelines/posttrain.yaml", {"gate": "evaluate", "train": "train", "deploy": "serve"}),
-    ("pipelines/pretrain.yaml", {"encode": "data", "train": "train"}),
-])
-def test_every_command_parses_with_the_real_cli(path, expected):
-    """No invented flags: each step's arguments are accepted by the `lingbot` parser itself."""
-    runs = _cli_args(path)
-    assert {name: args[0] for name, args in runs.items()} == expected
-    for name, args in runs.items():
-        parsed = build_parser().parse_args(args)
-        assert callable(parsed.func), name
-
-
 def test_posttrain_runs_pull_train_gate_deploy():
     docs = _rendered()["pipelines/posttrain.yaml"]
     wt, run = find(docs, "WorkflowTemplate"), find(docs, "Workflow")
@@ -118,9 +79,12 @@ def test_posttrain_runs_pull_train_gate_deploy():
     master = job["spec"]["pytorchReplicaSpecs"]["Master"]
     container = master["template"]["spec"]["containers"][0]
     assert master["replicas"] == 1 and container["name"] == "pytorch"
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-    assert {"configMapRef": {"name": "lingbot-va-env"}} in container["envFrom"]
-    assert {"secretRef": {"name": "lingbot-va-s3"}} in container["envFrom"]
+    assert container["resources"]["limits"] == container["resources"]["requests"] == {
+        "cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
+    assert container["envFrom"] == [{"secretRef": {"name": "lingbot-va-s3"}}]  # the infra's Secret
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.lingbot.svc.cluster.local:5000"  # the mlflow-uri parameter
+    assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.lingbot.svc.cluster.local:9000"
     assert container["args"][container["args"].index("--zero-stage") + 1] == "2"
 
     gate = template(wt, "gate")["container"]["args"]
@@ -136,7 +100,8 @@ def test_posttrain_runs_pull_train_gate_deploy():
     assert predictor["nodeSelector"] and predictor["tolerations"]
     serve = predictor["containers"][0]
     assert serve["args"][:3] == ["serve", "--model", "models:/lingbot-va-reach-v3@champion"]
-    assert serve["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert serve["resources"] == {"requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+                                  "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}}
     [canary] = isvc["spec"]["canary"]
     assert canary["trafficPercent"] == 10 and canary["predictor"]["name"] == "canary"
     assert canary["predictor"]["annotations"] == {"platform.lingbot-va.io/rollout": "sample"}  # {{workflow.name}}
@@ -167,4 +132,5 @@ def test_settings_scale_the_jobs():
     isvc = embedded(docs, "deploy")["spec"]
     assert isvc["canary"][0]["trafficPercent"] == 0  # a dark canary: deployed, no traffic
     serve = isvc["predictor"]["containers"][0]
-    assert "limits" not in serve["resources"] and serve["args"][serve["args"].index("--device") + 1] == "cpu"
+    assert "nvidia.com/gpu" not in serve["resources"]["requests"] and "nvidia.com/gpu" not in serve["resources"]["limits"]
+    assert serve["args"][serve["args"].index("--device") + 1] == "cpu"

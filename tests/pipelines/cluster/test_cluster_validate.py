@@ -38,6 +38,11 @@ def _deployment():
                                                                  spec=pod))))
 
 
+def _configmap():
+    return to_dict(k8s.V1ConfigMap(api_version="v1", kind="ConfigMap", metadata=k8s.V1ObjectMeta(name="env"),
+                                   data={"MLFLOW_TRACKING_URI": "http://mlflow:5000"}))
+
+
 def _job():
     pod = k8s.V1PodSpec(restart_policy="Never", containers=[k8s.V1Container(name="encode", image="x:1")])
     return to_dict(k8s.V1Job(api_version="batch/v1", kind="Job", metadata=k8s.V1ObjectMeta(name="encode"),
@@ -51,7 +56,8 @@ SUBJECTS = {  # name -> the clean documents a planted error goes into
     "isvc": lambda: [embedded(_posttrain(), "deploy")],
     "posttrain": _posttrain,
     "pretrain": _pretrain,
-    "configmap": lambda: [find(_posttrain(), "ConfigMap")],
+    "configmap": lambda: [_configmap()],
+    "pvc": lambda: [find(_pretrain(), "PersistentVolumeClaim")],
     "deployment": lambda: [_deployment()],
     "job": lambda: [_job()],
 }
@@ -158,6 +164,8 @@ PLANTED = [
     # built-in kinds: strict Kubernetes OpenAPI schemas
     pytest.param("configmap", _set(lambda d: d[0], "date", {"a": "b"}), "('date' was unexpected)",
                  id="configmap-unknown-field"),
+    pytest.param("pvc", _set(lambda d: d[0]["spec"], "accessMode", ["ReadWriteMany"]), "('accessMode' was unexpected)",
+                 id="pvc-unknown-field"),
     pytest.param("deployment", lambda d: d[0]["spec"]["template"]["spec"]["containers"][0].update(imagePullPolicyy="x"),
                  "('imagePullPolicyy' was unexpected)", id="deployment-unknown-field"),
     pytest.param("deployment", _set(lambda d: d[0]["spec"], "replicas", "3"), "'3' is not of type 'integer'",
@@ -242,7 +250,7 @@ def test_missing_crd_folder_is_a_clear_problem_and_an_error(tmp_path):
     assert problems and "no schema for PyTorchJob kubeflow.org/v1" in problems[0] and "absent" in problems[0]
     with pytest.raises(ValueError, match="does not exist"):
         load_crd_schemas(tmp_path / "absent")
-    assert validate_documents([find(_posttrain(), "ConfigMap")], crds_dir=tmp_path / "absent") == []
+    assert validate_documents([find(_pretrain(), "PersistentVolumeClaim")], crds_dir=tmp_path / "absent") == []
 
 
 ADMISSION = [  # admission rules alone: no CRDs needed
