@@ -127,7 +127,8 @@ def posttrain_template(s: ClusterSettings) -> WorkflowTemplate:
         args=["-m", "pipelines.cli", "train", "posttrain", "--task", task, "--preset", _param("preset"),
               "--steps", _param("steps"), "--zero-stage", str(s.posttrain_zero_stage),
               "--init-from", f"{WORKSPACE}/data/runs/pretrain/model", "--data-dir", f"{WORKSPACE}/data",
-              "--run-dir", run_dir, "--tracking-uri", _param("mlflow-uri")])
+              "--run-dir", run_dir, "--tracking-uri", _param("mlflow-uri"),
+              "--resume-if-present"])  # a pod the operator restarts continues from the run's last checkpoint
     train = Resource(name="train", action="create", set_owner_reference=True, manifest=_manifest(job),
                      success_condition=PYTORCHJOB_SUCCEEDED, failure_condition=PYTORCHJOB_FAILED)
     gate = Container(
@@ -200,7 +201,7 @@ def pretrain_template(s: ClusterSettings) -> WorkflowTemplate:
         args=["-m", "pipelines.cli", "train", "pretrain", "--preset", _param("preset"), "--steps", _param("steps"),
               "--zero-stage", str(s.pretrain_zero_stage), "--checkpoint-every", str(s.pretrain_checkpoint_every),
               "--data-dir", f"{DATA}/data", "--run-dir", f"{DATA}/data/runs/pretrain", "--tracking-uri",
-              _param("mlflow-uri")])
+              _param("mlflow-uri"), "--resume-if-present"])  # elastic restarts continue from the last checkpoint
     pipeline = Steps(name="pretrain", sub_steps=[
         Step(name="pull-data", template="dvc-get", arguments={"path": "{{item}}"},
              with_items=["data/episodes", "data/prepared", "data/feast"]),
