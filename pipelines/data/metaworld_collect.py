@@ -342,7 +342,7 @@ def _worker(task: str, episodes: int, seed: int, image_size: int, cameras: tuple
             progress=None) -> tuple[list[Episode] | int, int]:
     queue = _PROGRESS_QUEUE
     if progress is None and queue is not None:
-        progress = lambda n: queue.put((task, n))  # noqa: E731
+        progress = lambda n: queue.put((task, n))
     eps, n_bad = collect_task(task, episodes, seed=seed, image_size=image_size, cameras=cameras, progress=progress)
     if out_dir is None:
         return eps, n_bad

@@ -27,7 +27,6 @@ from pipelines.data.lerobot import LeRobotDataset
 from pipelines.data.shards import TAU
 
 
-
 def dataset_version(root: Path) -> str:
     """Content hash of a dataset folder (names, sizes and bytes of every file)."""
     h = hashlib.md5()

@@ -1,6 +1,6 @@
 """A synthetic video-action world: a blob in latent space pushed by 2-D actions.
 
-Used by ``make demo`` before real robot data exists, by smoke tests and benchmarks. The latent of frame f is a
+Used by smoke tests and benchmarks that need data before any robot data exists. The latent of frame f is a
 Gaussian bump whose centre is the integral of the actions so far, so the video depends causally on the actions
 (a world model has something to learn) and the actions are recoverable from consecutive frames (inverse dynamics).
 """
@@ -87,7 +87,7 @@ def write_synthetic_latents(root, config, episodes: int = 64, frames: int = 40, 
     g = torch.Generator().manual_seed(seed)
     writer = ShardWriter(Path(root), shard_episodes=16)
     mask = torch.zeros(30, dtype=torch.uint8)
-    mask[list(range(7)) + [28]] = 1
+    mask[[*range(7), 28]] = 1
     for i in range(episodes):
         writer.add(i, torch.randn(frames, config.latent_channels, *latent_hw, generator=g),
                    torch.randn((frames - 1) * config.tau, 30, generator=g).clamp(-1.5, 1.5), mask,

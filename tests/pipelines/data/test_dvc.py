@@ -1,4 +1,4 @@
-"""`dvc repro` of the whole DAG (collect -> ... -> evaluate) on a copy of the project, a no-op rerun, and push/pull to S3 (moto)."""
+"""`dvc repro` of the whole DAG (collect -> ... -> evaluate) on a copy of the project, a no-op rerun, push/pull to S3 (moto)."""
 
 import os
 import shutil

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from model import LingBotVA, get_preset
-from pipelines.data.shards import ShardWriter, write_index
 from pipelines.data.loader import LatentEpisodes, PackedWindows
+from pipelines.data.shards import ShardWriter, write_index
 from pipelines.data.synthetic import synthetic_episodes
 
 TINY = get_preset("tiny")
@@ -71,7 +71,7 @@ def test_sources_are_sampled_uniformly(latents_dir):
 
 
 def test_bad_arguments(latents_dir, tmp_path):
-    with pytest.raises(ValueError, match="index.json not found"):
+    with pytest.raises(ValueError, match=r"index\.json not found"):
         LatentEpisodes(tmp_path)
     with pytest.raises(ValueError, match="split must be"):
         LatentEpisodes(latents_dir, "test")

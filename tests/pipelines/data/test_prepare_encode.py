@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from model import LingBotVA, get_preset
-from model.encoders import TextEncoder, VideoVAE
+from model.encoders import TextEncoder
 from model.normalization import ActionNormalizer
 from pipelines.data.episode import Episode
 from pipelines.data.features import FeatureRepo, read_features
