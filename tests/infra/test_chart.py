@@ -9,7 +9,7 @@ import os
 import jsonschema
 import pytest
 import yaml
-from infra_checks import CHART, CHART_SETS, KUSTOMIZE, NAMESPACE, find, helm
+from infra_checks import CHART, CHART_SETS, KUSTOMIZE, NAMESPACE, find, helm, validatable
 
 from pipelines.cluster.validate import validate_documents
 
@@ -31,7 +31,7 @@ def test_helm_lint_strict_is_clean(name):
 def test_helm_template_documents_validate(rendered, name):
     docs = rendered(name)
     assert docs
-    problems = validate_documents(docs)
+    problems = validate_documents(validatable(docs))
     assert not problems, "\n".join(problems)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from infra_checks import (
     ALL_SETS,
+    CRDS,
     EDGE_ROBOT,
     connection_allowed,
     container,
@@ -16,6 +17,7 @@ from infra_checks import (
     rbac_problems,
     resolve,
     secret_problems,
+    validatable,
     workload_problems,
     workloads,
 )
@@ -200,6 +202,10 @@ PLANTED = [
 @pytest.mark.parametrize(("name", "target", "change", "check", "expected"), PLANTED)
 def test_checks_catch_planted_errors(rendered, name, target, change, check, expected):
     docs = rendered(name)
+    if check is validate_documents:
+        if target == ISVC and CRDS is None:
+            pytest.skip("../shared/crds is absent: the InferenceService cannot be validated offline")
+        docs = validatable(docs)
     assert not check(docs), f"{check.__name__} must pass on the unmodified {name}"
     if target is None:
         bad = change(docs)

@@ -256,7 +256,9 @@ def test_tiny_overfits_and_sampling_reproduces_actions():
         errors.append((actions[:, channels] - data["actions"][b, :, channels]).abs().mean().item())
         assert torch.all(actions[:, ~data["action_mask"][b]] == 0)  # masked channels stay zero
     print(f"loss {before:.3f} -> {after:.3f} ({before / after:.1f}x) in {elapsed:.1f}s; action MAE {errors}")
-    assert elapsed < 60
+    # ~40 s on 2 idle cores; the bound only catches a pathological slowdown (speed itself is a benchmark's job, and
+    # CI machines may be shared)
+    assert elapsed < 300
     assert before / after >= 10
     assert max(errors) < 0.25  # unit-scale actions; an untrained model is off by ~0.8
 
