@@ -80,6 +80,12 @@ def main() -> None:
     low_data = {"world_model": "-demos10", "baseline": "-reactive-demos10"}
     result["demos_10"] = {"demos_per_task": 10}
     plan = [*variants.items(), *((f"demos_10.{k}", v) for k, v in low_data.items())]
+    for key, _ in plan[1:] if args.skip_variants else []:
+        skipped = {"status": "not run (--skip-variants); train them with bench/train_variants.sh"}
+        if key.startswith("demos_10."):
+            result["demos_10"][key.split(".", 1)[1]] = skipped
+        else:
+            result[key] = skipped
     for key, suffix in plan[:1] if args.skip_variants else plan:
         per_task, missing = {}, []
         for task in tasks:
@@ -112,7 +118,7 @@ def main() -> None:
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k].get("avg_success") for k in ("world_model", "baseline")}))
+    print(json.dumps({k: result.get(k, {}).get("avg_success") for k in ("world_model", "baseline")}))
 
 
 if __name__ == "__main__":
