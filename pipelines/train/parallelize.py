@@ -56,9 +56,15 @@ def lr_lambda(settings: TrainSettings):
     return f
 
 
+def use_repo_ops_cache() -> None:
+    """Point DeepSpeed's JIT-compiled ops (the CPU shm comm op is built by ``init_distributed``) at the repo's
+    ignored cache unless the caller chose a dir; call before the first ``deepspeed`` call."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+
+
 def build_engine(model: torch.nn.Module, settings: TrainSettings, world_size: int):
     """Wrap the model in a DeepSpeed engine with AdamW and the stage's schedule; returns (engine, ds_config)."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    use_repo_ops_cache()
     import deepspeed
 
     model.activation_checkpointing = settings.activation_checkpointing

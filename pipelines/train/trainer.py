@@ -26,11 +26,12 @@ from tqdm import tqdm
 from model import LingBotVA, get_preset
 from pipelines.data.encode import dist_info
 from pipelines.data.loader import PackedWindows
-from pipelines.train.parallelize import build_engine
+from pipelines.train.parallelize import build_engine, use_repo_ops_cache
 from pipelines.train.settings import TrainSettings
 
 
 def _init_distributed() -> tuple[int, int]:
+    use_repo_ops_cache()
     import deepspeed
 
     rank, world = dist_info()
@@ -84,8 +85,9 @@ def _validate(engine, loader: PackedWindows | None, settings: TrainSettings) -> 
 
 @torch.no_grad()
 def _predict_val_chunk(model: LingBotVA, loader: PackedWindows | None):
-    """(real latents (1+K, C, h, w), predicted (K, C, h, w), views) of the first validation episode, or None."""
-    if loader is None:
+    """(real latents (1+K, C, h, w), predicted (K, C, h, w), views) of the first validation episode, or None
+    (no validation split, or the reactive baseline, which predicts no video)."""
+    if loader is None or model.config.objective == "reactive":
         return None
     K = model.config.chunk_size
     episode = loader.data.episodes[0]

@@ -130,3 +130,22 @@ def test_unknown_stage_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["train", "finetune"])
     assert "invalid choice: 'finetune'" in capsys.readouterr().err
+
+
+def test_reactive_baseline_trains_through_validation(data):
+    """The baseline predicts no video: validation (and its real-vs-predicted strip) must still work."""
+    cli(*train_args(data, "reactive", "--steps", "3", "--objective", "reactive", "--no-register"))
+    summary = json.loads((data / "runs" / "reactive" / "summary.json").read_text())
+    assert summary["finished"] and summary["L_dyn"] == 0.0 and summary["val_loss"] > 0
+
+
+def test_deepspeed_ops_build_inside_the_repo_cache(monkeypatch):
+    """init_distributed JIT-builds DeepSpeed's CPU comm op before the engine exists: it must not land in ~/.cache."""
+    from pipelines.train import trainer
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"})
+    seen = {}
+    monkeypatch.setattr("deepspeed.init_distributed", lambda **kw: seen.setdefault("dir", os.environ["TORCH_EXTENSIONS_DIR"]))
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    trainer._init_distributed()
+    assert Path(seen["dir"]) == REPO / ".cache" / "torch_extensions"
