@@ -6,8 +6,11 @@ recorded. DeepSpeed's JIT-compiled ops go under the repo's ignored data dir (``T
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
+from pathlib import Path
 
 import torch
 
@@ -56,10 +59,25 @@ def lr_lambda(settings: TrainSettings):
     return f
 
 
+log = logging.getLogger(__name__)
+STALE_BUILD_LOCK_S = 600.0  # an op build takes about a minute on 2 cores; a lock this old is left by a killed build
+
+
 def use_repo_ops_cache() -> None:
     """Point DeepSpeed's JIT-compiled ops (the CPU shm comm op is built by ``init_distributed``) at the repo's
-    ignored cache unless the caller chose a dir; call before the first ``deepspeed`` call."""
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    ignored cache unless the caller chose a dir; call before the first ``deepspeed`` call.
+
+    A build killed half-way leaves ``<op>/lock`` behind, and torch then waits for it forever: such locks older than
+    ``STALE_BUILD_LOCK_S`` are removed (with a warning) so the next run rebuilds instead of hanging silently."""
+    root = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions")))
+    for lock in root.glob("*/lock"):
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                log.warning("removed the stale build lock %s (%.0f s old, left by a killed build)", lock, age)
+        except FileNotFoundError:  # another rank removed it or the build finished meanwhile
+            pass
 
 
 def build_engine(model: torch.nn.Module, settings: TrainSettings, world_size: int):

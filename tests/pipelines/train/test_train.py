@@ -149,3 +149,18 @@ def test_deepspeed_ops_build_inside_the_repo_cache(monkeypatch):
     monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
     trainer._init_distributed()
     assert Path(seen["dir"]) == REPO / ".cache" / "torch_extensions"
+
+
+def test_stale_ops_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """A killed op build leaves a lock torch would wait on forever; only an old one is removed."""
+    from pipelines.train.parallelize import STALE_BUILD_LOCK_S, use_repo_ops_cache
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.touch()
+    old = os.stat(stale).st_mtime - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    use_repo_ops_cache()
+    assert not stale.exists() and live.exists()
