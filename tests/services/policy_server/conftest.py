@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -23,57 +19,31 @@ from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig
 sys.path.insert(0, str(Path(__file__).parents[2] / "pipelines" / "evaluate"))
 from model_dirs import write_model_dir
 
+from services.policy_server.process import ServerProcess, free_port  # noqa: F401 (re-exported to the tests)
 from services.protocol import DEFAULT_MODEL_NAME, StepRequest, from_infer_response, to_infer_request
 
 REPO = Path(__file__).resolve().parents[3]
 STATE = np.array([0.05, 0.6, 0.2, 0.5], np.float32)  # Sawyer hand xyz + gripper opening
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class PolicyServer(ServerProcess):
+    """The platform's server subprocess helper plus the tests' clients: ``wait_ready`` starts it and waits for the
+    model; ``stop`` sends SIGTERM and waits (SIGKILL after 30 s)."""
 
+    def __init__(self, model: str | Path, args: list[str], log: Path, token: str | None = None):
+        super().__init__(model, log, args)
+        self.token = token
 
-class PolicyServer:
-    """One ``python -m services.policy_server`` process; ``stop`` sends SIGTERM and waits (SIGKILL after 30 s)."""
+    @property
+    def rest_url(self) -> str:
+        return self.rest_endpoint
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, token: str | None = None):
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.rest_url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        self.token, self.log = token, log
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                    **(env or {})}
-        cmd = [sys.executable, "-m", "services.policy_server", "--http_port", str(self.http_port),
-               "--grpc_port", str(self.grpc_port), "--enable_latency_logging", "false", *args]
-        self._log_file = log.open("w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT)
+    @property
+    def grpc_url(self) -> str:
+        return self.grpc_endpoint
 
     def wait_ready(self, timeout: float = 120.0) -> PolicyServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"policy server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.rest_url}/v2/models/{DEFAULT_MODEL_NAME}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(f"policy server not ready after {timeout} s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log_file.close()
-        return self.proc.returncode
+        return self.start(timeout)
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -123,7 +93,7 @@ def model_dir(tmp_path_factory) -> Path:
 def policy_server(model_dir, tmp_path_factory):
     """The default server (batching on, 50 ms window) on the tiny model directory, for the whole session."""
     log = tmp_path_factory.mktemp("server-logs") / "default.log"
-    server = PolicyServer(["--model", str(model_dir), "--max-wait-ms", "50", "--max-request-mb", "1"], log)
+    server = PolicyServer(model_dir, ["--max-wait-ms", "50", "--max-request-mb", "1"], log)
     try:
         yield server.wait_ready()
     finally:

@@ -43,7 +43,7 @@ def registry(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swap_server(registry, tmp_path_factory):
     log = tmp_path_factory.mktemp("swap-logs") / "swap.log"
-    server = PolicyServer(["--model", f"models:/{NAME}@champion", "--tracking-uri", registry["uri"], "--data-dir",
+    server = PolicyServer(f"models:/{NAME}@champion", ["--tracking-uri", registry["uri"], "--data-dir",
                            str(registry["data_dir"]), "--poll-interval-s", "0.3", "--max-wait-ms", "20"], log)
     try:
         yield server.wait_ready()
