@@ -1,17 +1,19 @@
-"""MT10 closed-loop success: the world model vs the reactive baseline, and async vs sync (not a test).
+"""MT10 closed-loop success: the world model vs the reactive baseline and blind replay, and async vs sync (not a test).
 
 Reads the post-trained model directories of `make train` (data/runs/posttrain-<task>/model) and of
 `bench/train_variants.sh` (posttrain-<task>-reactive: the reactive baseline; posttrain-<task>[-reactive]-demos10: both
 on 10 demos per task) and rolls each out in Meta-World with `pipelines.evaluate.rollout.evaluate` on held-out goal
 positions. Async vs sync runs the world model paced at the Sawyer's 80 Hz control rate, so the episode wall times are
 what a robot would see.
+The blind-replay baseline (pipelines/evaluate/replay.py) executes demo 0's end-effector targets open loop on the same
+held-out episodes: a policy must beat it to claim it uses its camera.
 Writes bench/results/eval_mt10.json (partial results are kept: a missing model is recorded as such).
 
 With ``--reports data/metrics`` the world model's per-task numbers are read from the `evaluate@<task>` DVC stages
 reports (``eval-<task>.json``: the same rollouts, held-out seed 1, written by `lingbot evaluate`) when they cover at
 least ``--episodes`` episodes of the sync mode, instead of rolling the same episodes out a second time.
 
-Usage: .venv/bin/python bench/eval_mt10.py [--episodes 10] [--max-steps 300] [--reports data/metrics]
+Usage: .venv/bin/python bench/eval_mt10.py [--episodes 20] [--max-steps 300] [--reports data/metrics]
        [--async-tasks reach-v3,drawer-close-v3] [--skip-variants]
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(model_dir: Path, task: str, **kw) -> dict:
+def run(model_dir, task: str, **kw) -> dict:
     from pipelines.evaluate.rollout import evaluate
 
     r = evaluate(model_dir, [task], videos_per_task=0, **kw)
@@ -62,13 +64,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=Path, default=REPO / "data" / "runs")
     parser.add_argument("--tasks", default=",".join(MT10))
-    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--async-tasks", default="reach-v3,drawer-close-v3", help="tasks for async vs sync ('' = none)")
     parser.add_argument("--async-episodes", type=int, default=5)
     parser.add_argument("--reports", type=Path, default=None, help="reuse evaluate@<task> reports (world model, sync)")
     parser.add_argument("--skip-variants", action="store_true", help="world model only (no baseline / 10-demo runs)")
+    parser.add_argument("--episodes-dir", type=Path, default=REPO / "data" / "episodes",
+                        help="collected demos: the blind-replay baseline replays demo 0 of each task")
+    parser.add_argument("--no-blind-replay", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_mt10.json")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
@@ -103,6 +108,16 @@ def main() -> None:
             result["demos_10"][key.split(".", 1)[1]] = entry
         else:
             result[key] = entry
+    if not args.no_blind_replay:
+        from functools import partial
+
+        from pipelines.evaluate.replay import ReplayPolicy
+
+        per_task = {}
+        for task in tasks:
+            per_task[task] = run(partial(ReplayPolicy, args.episodes_dir), task, **common)
+            print("blind_replay", task, per_task[task]["success_rate"], flush=True)
+        result["blind_replay"] = {**summary(per_task), "demo": 0, "episodes_dir": str(args.episodes_dir)}
     sync_async = {}
     for task in [t for t in args.async_tasks.split(",") if t]:
         model_dir = args.runs / f"posttrain-{task}" / "model"
@@ -118,7 +133,7 @@ def main() -> None:
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result.get(k, {}).get("avg_success") for k in ("world_model", "baseline")}))
+    print(json.dumps({k: result.get(k, {}).get("avg_success") for k in ("world_model", "baseline", "blind_replay")}))
 
 
 if __name__ == "__main__":

@@ -163,9 +163,11 @@ PRESETS: dict[str, LingBotConfig] = {
         action_dim=32, action_ffn_dim=80, action_mlp_hidden=32, full_video_steps=10,
     ),
     # Meta-World demo on CPU: trains in minutes on 2 cores with the small VAE (48 latent channels).
+    # attn_window_chunks: training windows hold the first frame + 4 chunks, so inference keeps the last 4 chunks
+    # (64 control steps) in its cache: the attention distances it sees are the ones training saw.
     "small": LingBotConfig(
         latent_channels=48, video_dim=256, num_layers=6, num_heads=4, video_ffn_dim=1024, text_dim=256,
-        freq_dim=128, action_dim=128, action_ffn_dim=512, action_mlp_hidden=128,
+        freq_dim=128, action_dim=128, action_ffn_dim=512, action_mlp_hidden=128, attn_window_chunks=4,
     ),
     # ~1B for GPU throughput work (bench/mfu.py): Wan-shaped video stream at d_v 2048, 14 layers, d_a 512.
     "base-1b": LingBotConfig(

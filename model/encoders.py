@@ -17,6 +17,7 @@ initialised models with the same structure, so that tests and CPU smoke runs nee
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from transformers import (
     T5EncoderModel,
     UMT5EncoderModel,
 )
+
+from model.frame_vae import FrameVAE
 
 __all__ = ["TextEncoder", "VideoVAE"]
 
@@ -62,16 +65,19 @@ class VideoVAE(torch.nn.Module):
         latents: float32 ``(B, F, C, h, w)`` with ``F = 1 + (T - 1) / 4``, ``h = H / 16``, ``w = V * W / 16``.
     """
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: AutoencoderKLWan | FrameVAE) -> None:
         super().__init__()
         self.vae = vae
         cfg = vae.config
-        # Derive the compression from the architecture rather than trusting scale_factor_* alone: older Wan2.1
-        # configs leave them unset or inconsistent, while the block layout is what the model actually does.
-        self._temporal = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
-        self._spatial = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
-        mean = torch.tensor(cfg.latents_mean, dtype=torch.float32)
-        std = torch.tensor(cfg.latents_std, dtype=torch.float32)
+        if isinstance(vae, FrameVAE):
+            self._temporal, self._spatial = int(cfg.temporal_compression), 16
+        else:
+            # Derive the compression from the architecture rather than trusting scale_factor_* alone: older Wan2.1
+            # configs leave them unset or inconsistent, while the block layout is what the model actually does.
+            self._temporal = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
+            self._spatial = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+        mean = torch.tensor(cfg.latents_mean or [0.0] * cfg.z_dim, dtype=torch.float32)
+        std = torch.tensor(cfg.latents_std or [1.0] * cfg.z_dim, dtype=torch.float32)
         if mean.numel() != cfg.z_dim or std.numel() != cfg.z_dim:
             raise ValueError(
                 f"VAE config latents_mean/latents_std have {mean.numel()}/{std.numel()} values but z_dim is {cfg.z_dim}"
@@ -91,8 +97,33 @@ class VideoVAE(torch.nn.Module):
         kwargs: dict[str, Any] = {"local_files_only": True}
         if torch_dtype is not None:
             kwargs["torch_dtype"] = torch_dtype
-        vae = AutoencoderKLWan.from_pretrained(vae_dir, **kwargs)
-        return cls(vae)
+        class_name = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
+        vae_cls = FrameVAE if class_name == FrameVAE.__name__ else AutoencoderKLWan
+        return cls(vae_cls.from_pretrained(vae_dir, **kwargs))
+
+    @classmethod
+    def frame(cls, latent_channels: int = 48, dims: tuple[int, ...] = (32, 64, 128), seed: int = 0) -> VideoVAE:
+        """A randomly initialised :class:`~model.frame_vae.FrameVAE` (the embedded default's trainable encoder)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(FrameVAE(z_dim=latent_channels, dims=tuple(dims)))
+
+    def with_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> VideoVAE:
+        """Use per-channel latent standardisation ``(mu - mean) / std`` from now on, and store it in the VAE config
+        (``latents_mean`` / ``latents_std``, as Wan's pipelines read them) so a saved copy applies the same numbers."""
+        mean, std = torch.as_tensor(mean, dtype=torch.float32).flatten(), torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean.numel() != self.latent_channels or std.numel() != self.latent_channels or not bool((std > 0).all()):
+            raise ValueError(f"latent stats need {self.latent_channels} means and positive stds, got "
+                             f"{mean.numel()} / {std.numel()}")
+        self.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        self.latents_mean = mean.view(1, 1, -1, 1, 1).to(self.latents_mean.device)
+        self.latents_std = std.view(1, 1, -1, 1, 1).to(self.latents_std.device)
+        return self
+
+    @torch.no_grad()
+    def raw_latents(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Posterior means ``(B, F, C, h, w)`` before standardisation (what latent statistics are fitted on)."""
+        return self.encode(frames) * self.latents_std + self.latents_mean
 
     @classmethod
     def small(
@@ -243,7 +274,8 @@ class LatentStream:
         self.vae = vae
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        convs = sum(isinstance(m, WanCausalConv3d) for m in vae.vae.encoder.modules())
+        # FrameVAE has no temporal convolutions: a latent frame depends on its own group of frames only
+        convs = 0 if isinstance(vae.vae, FrameVAE) else sum(isinstance(m, WanCausalConv3d) for m in vae.vae.encoder.modules())
         self._cache: list = [None] * convs
         self._pending: list[torch.Tensor] = []  # (V, H, W, 3) uint8 frames not yet encoded
         self._shape: tuple | None = None  # (V, H, W, 3) of this episode's frames
@@ -286,6 +318,10 @@ class LatentStream:
         t, v, h, w, _ = group.shape
         x = group.to(self.vae.device).permute(4, 0, 2, 1, 3).reshape(1, 3, t, h, v * w)
         x = x.to(self.vae.dtype) / 127.5 - 1.0
+        if isinstance(vae, FrameVAE):
+            mu = vae.moments(x, first=self.frames_encoded == 0).chunk(2, dim=1)[0]
+            mu = mu.float().permute(0, 2, 1, 3, 4)
+            return ((mu - self.vae.latents_mean) / self.vae.latents_std)[0]
         if vae.config.patch_size is not None:
             x = patchify(x, patch_size=vae.config.patch_size)
         out = vae.encoder(x, feat_cache=self._cache, feat_idx=[0])

@@ -46,6 +46,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-encoder", type=Path, default=d.text_encoder_path)
     p.set_defaults(func=prepare)
 
+    from pipelines.data.autoencoder import AutoencoderConfig
+
+    a = AutoencoderConfig()
+    p = data.add_parser("train-vae", help="train the embedded default's video VAE on the collected training frames")
+    p.add_argument("--episodes-dir", type=Path, default=d.episodes_dir)
+    p.add_argument("--prepared-dir", type=Path, default=d.prepared_dir)
+    p.add_argument("--out", type=Path, default=d.data_dir / "vae")
+    p.add_argument("--preset", default=d.preset, help="model preset whose latent channels the VAE must produce")
+    p.add_argument("--dims", default=",".join(map(str, a.dims)), help="widths of the 3 encoder stages")
+    p.add_argument("--steps", type=int, default=a.steps)
+    p.add_argument("--batch", type=int, default=a.batch)
+    p.add_argument("--lr", type=float, default=a.lr)
+    p.add_argument("--max-episodes", type=int, default=None, help="train on at most this many episodes (spread)")
+    p.add_argument("--data-dir", type=Path, default=d.data_dir, help="MLflow store root (experiment lingbot-vae)")
+    p.add_argument("--seed", type=int, default=a.seed)
+    p.set_defaults(func=train_vae)
+
     p = data.add_parser("encode", help="VAE latent shards + text embeddings (run under torchrun for N ranks)")
     p.add_argument("--episodes-dir", type=Path, default=d.episodes_dir)
     p.add_argument("--prepared-dir", type=Path, default=d.prepared_dir)
@@ -110,6 +127,19 @@ def prepare(args: argparse.Namespace) -> int:
     print(f"prepared {len(summary['datasets'])} datasets: {sum(c['train'] for c in counts)} train / "
           f"{sum(c['val'] for c in counts)} val episodes, {summary['quarantined']} quarantined; "
           f"features published for {summary['embodiments']} and {summary['tasks']} tasks")
+    return 0
+
+
+def train_vae(args: argparse.Namespace) -> int:
+    from model import get_preset
+    from pipelines.data.autoencoder import AutoencoderConfig, train_autoencoder
+
+    dims = tuple(int(x) for x in str(args.dims).split(",") if x)
+    cfg = AutoencoderConfig(latent_channels=get_preset(args.preset).latent_channels, dims=dims, steps=args.steps,
+                            batch=args.batch, lr=args.lr, seed=args.seed)
+    summary = train_autoencoder(args.episodes_dir, args.prepared_dir, args.out, cfg, data_dir=args.data_dir,
+                                max_episodes=args.max_episodes)
+    print(f"trained the VAE in {summary['wall_seconds']} s: validation PSNR {summary['val_psnr_db']:.2f} dB -> {args.out}")
     return 0
 
 

@@ -5,13 +5,18 @@ each rank writes its own shard files and index part, and rank 0 merges the parts
 episode appears exactly once. Writes are atomic (temporary name, then rename), so an interrupted run leaves no
 half-written shard behind.
 
-Output: see ``pipelines.data.shards`` (shards + text.safetensors + index.json).
+Latents are standardised per channel with statistics fitted on the training split (``fit_latent_stats``); the VAE
+with those numbers in its config is written beside the shards (``<out>/vae``), and training copies it into every
+model directory, so the gate and the server apply exactly the same standardisation.
+
+Output: see ``pipelines.data.shards`` (shards + text.safetensors + index.json) and ``vae/``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from pipelines.data.embodiments import get_adapter
 from pipelines.data.features import read_features
 from pipelines.data.lerobot import LeRobotDataset
 from pipelines.data.shards import TAU, ShardWriter, write_index
+
+VAE_DIR = "vae"  # the encoding VAE, standardisation included, is saved beside the shards under this name
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,15 @@ def encode(
     normalizers = {emb: ActionNormalizer.from_dict(s["action"]) for emb, s in stats.items()}
     mine = [r for r in refs if r.id % world == rank]
     datasets: dict[str, LeRobotDataset] = {}
+    # every rank fits the same statistics on the same episodes, so the ranks' shards agree without a collective
+    mean, std = fit_latent_stats(vae, [r for r in refs if r.split == "train"] or refs, episodes_dir, datasets)
+    vae.with_latent_stats(mean, std)
+    if rank == 0:
+        _save_vae(vae, latents_dir / VAE_DIR)
     writer = ShardWriter(latents_dir, rank, shard_episodes)
     for ref in tqdm(mine, desc=f"encode[rank {rank}]", disable=not progress or None):
-        ds = datasets.get(ref.dataset) or datasets.setdefault(ref.dataset, LeRobotDataset(episodes_dir / ref.dataset))
-        ep = ds.episode(ref.episode_index)
-        adapter = get_adapter(ep.embodiment)
-        T = usable_frames(ep.length)
-        cams = [k for k in adapter.spec.camera_keys if k in ep.frames] or sorted(ep.frames)
-        frames = np.stack([ep.frames[k][:T] for k in cams], axis=1)[None]  # (1, T, V, H, W, 3)
+        ep, adapter, cams, frames = _episode_frames(ref, episodes_dir, datasets)
+        T = frames.shape[1]
         latents = vae.encode(torch.from_numpy(frames))[0]  # (F, C, h, w)
         unified = adapter.to_unified(ep.actions, ep.state)[: T - 1]
         actions = normalizers[ep.embodiment].normalize(torch.from_numpy(unified).float())
@@ -107,6 +115,55 @@ def encode(
     if rank != 0:
         return {"rank": rank, "episodes": len(entries)}
     return _merge(latents_dir, refs, world, stats, feature_repo, {"vae": vae_spec or {}})
+
+
+def _episode_frames(ref: EpisodeRef, episodes_dir: Path, datasets: dict):
+    """(episode, adapter, camera keys, frames (1, T, V, H, W, 3) uint8 cut to 1 + 4k) of one episode."""
+    ds = datasets.get(ref.dataset) or datasets.setdefault(ref.dataset, LeRobotDataset(episodes_dir / ref.dataset))
+    ep = ds.episode(ref.episode_index)
+    adapter = get_adapter(ep.embodiment)
+    T = usable_frames(ep.length)
+    cams = [k for k in adapter.spec.camera_keys if k in ep.frames] or sorted(ep.frames)
+    return ep, adapter, cams, np.stack([ep.frames[k][:T] for k in cams], axis=1)[None]
+
+
+def fit_latent_stats(vae, refs: list[EpisodeRef], episodes_dir: Path, datasets: dict | None = None,
+                     max_episodes: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (C,) of the VAE's raw latents over (up to ``max_episodes``, spread evenly) training
+    episodes: standardised latents have unit scale per channel, the scale of the flow-matching noise. Without it a
+    random or foreign VAE's latents (std ~0.1) drown in the noise at the flow times the action stream reads."""
+    datasets = {} if datasets is None else datasets
+    picked = refs[:: max(1, len(refs) // max_episodes)][:max_episodes]
+    total, sq, n = 0.0, 0.0, 0
+    for ref in picked:
+        z = vae.raw_latents(torch.from_numpy(_episode_frames(ref, episodes_dir, datasets)[3]))[0].double()  # (F, C, h, w)
+        total = total + z.sum((0, 2, 3))
+        sq = sq + (z * z).sum((0, 2, 3))
+        n += z.shape[0] * z.shape[2] * z.shape[3]
+    mean = total / n
+    std = (sq / n - mean * mean).clamp_min(1e-12).sqrt().clamp_min(1e-4)
+    return mean.float(), std.float()
+
+
+def _save_vae(vae, target: Path) -> None:
+    """Write the VAE (with its fitted standardisation) beside the shards, atomically."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def load_vae(latents_dir: Path, index: dict):
+    """The VAE that produced ``latents_dir`` (its copy with the fitted standardisation; older indexes: the spec)."""
+    from model.encoders import VideoVAE
+
+    if (Path(latents_dir) / VAE_DIR / "config.json").is_file():
+        return VideoVAE.from_pretrained(Path(latents_dir) / VAE_DIR)
+    spec = index.get("vae") or {}
+    if spec.get("path"):
+        return VideoVAE.from_pretrained(spec["path"])
+    return VideoVAE.small(latent_channels=index["latent_channels"], seed=int(spec.get("seed", 0)))
 
 
 def _merge(latents_dir: Path, refs: list[EpisodeRef], world: int, stats: dict, feature_repo, extra: dict) -> dict:

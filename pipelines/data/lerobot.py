@@ -293,11 +293,12 @@ def _encode_video(path: Path, frames: np.ndarray, fps: int, codec: str, crf: int
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps, options=options)
         stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
+        # libx264rgb codes the RGB planes themselves (lossless at crf 0); every other codec gets LeRobot's yuv420p
+        stream.pix_fmt = "rgb24" if codec == "libx264rgb" else "yuv420p"
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, fps)  # frame i is shown at i / fps, matching `timestamp`
-            for packet in stream.encode(frame):  # PyAV converts rgb24 -> the stream's yuv420p here
+            for packet in stream.encode(frame):  # PyAV converts rgb24 -> the stream's pix_fmt here
                 container.mux(packet)
         for packet in stream.encode():  # flush the encoder's delayed (B-)frames
             container.mux(packet)

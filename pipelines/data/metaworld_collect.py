@@ -49,6 +49,7 @@ DEFAULT_CAMERAS: tuple[str, ...] = METAWORLD_CAMERAS
 STATE_KEYS = ("hand_x", "hand_y", "hand_z", "gripper_opening")
 ACTION_KEYS = ("dx", "dy", "dz", "grip")
 VARIANTS_PER_TASK = 50  # Meta-World's benchmark makes 50 goal/object variants per task
+LOSSLESS_CODEC = "libx264rgb"
 POST_SUCCESS_STEPS = 10  # keep a short settled tail after the first success so the end state is visible
 
 MT10: tuple[str, ...] = tuple(metaworld.env_dict.MT10_V3)
@@ -353,7 +354,9 @@ def _worker(task: str, episodes: int, seed: int, image_size: int, cameras: tuple
         target = Path(out_dir) / dataset_name(task)
         if target.exists():
             shutil.rmtree(target)
-        write_lerobot_dataset(target, eps, robot_type="sawyer", fps=CONTROL_RATE_HZ)
+        # lossless (RGB h264 at crf 0): training must see the very pixels the simulator renders at evaluation; a
+        # lossy codec shifts the latents by more than a goal position does
+        write_lerobot_dataset(target, eps, robot_type="sawyer", fps=CONTROL_RATE_HZ, video_codec=LOSSLESS_CODEC, crf=0)
     return len(eps), n_bad
 
 

@@ -186,14 +186,14 @@ def _write_video(path: Path, real: list[np.ndarray], imagined: list, ep, views: 
 _POLICY = None
 
 
-def _init_worker(model_dir: str, device: str, threads: int) -> None:
+def _init_worker(model_dir: str | Callable, device: str, threads: int) -> None:
     import torch
 
     from pipelines.evaluate.policy import ChunkPolicy
 
     torch.set_num_threads(threads)
     global _POLICY
-    _POLICY = ChunkPolicy(model_dir, device=device)
+    _POLICY = model_dir() if callable(model_dir) else ChunkPolicy(model_dir, device=device)
 
 
 def _job(args: tuple) -> dict:
@@ -202,18 +202,23 @@ def _job(args: tuple) -> dict:
     return asdict(run_episode(_POLICY, task, index, video_path=Path(video) if video else None, **kwargs))
 
 
-def evaluate(model_dir: str | Path, tasks: list[str], *, episodes: int = 50, mode: str = "sync", eval_seed: int = 1,
+def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: int = 50, mode: str = "sync", eval_seed: int = 1,
              workers: int = 2, max_steps: int | None = None, control_rate_hz: float | None = None,
              videos_per_task: int = 1, video_dir: Path | None = None, device: str = "cpu",
              progress: Callable[[dict], None] | None = None) -> dict:
-    """Roll out ``episodes`` episodes per task in ``workers`` processes; returns the report the gate reads."""
+    """Roll out ``episodes`` episodes per task in ``workers`` processes; returns the report the gate reads.
+
+    ``model_dir`` is a model directory, or a picklable factory of another policy with ``ChunkPolicy``'s rollout
+    interface (e.g. ``functools.partial(ReplayPolicy, episodes_dir)``, the blind-replay baseline).
+    """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     from pipelines.evaluate.policy import ChunkPolicy
 
-    known = ChunkPolicy(model_dir, device="cpu").tasks  # fail fast (bad directory, unknown task) before forking
+    # fail fast (bad directory, unknown task) before forking
+    known = model_dir().tasks if callable(model_dir) else ChunkPolicy(model_dir, device="cpu").tasks
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"the model has no instruction for tasks {unknown}; it was trained on {known}")
@@ -225,17 +230,18 @@ def evaluate(model_dir: str | Path, tasks: list[str], *, episodes: int = 50, mod
                 kw["video_path"] = str(Path(video_dir) / f"{task}-{i:02d}-{mode}.mp4")
             jobs.append((task, i, kw))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    source = model_dir if callable(model_dir) else str(model_dir)  # what each worker builds its policy from
     results = []
     t0 = time.perf_counter()
     if workers <= 1:
-        _init_worker(str(model_dir), device, threads)
+        _init_worker(source, device, threads)
         for job in jobs:
             results.append(_job(job))
             if progress:
                 progress(results[-1])
     else:
         ctx = mp.get_context("spawn")  # fresh interpreters: no forked GL or torch thread state
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(model_dir), device, threads)) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(source, device, threads)) as pool:
             for r in pool.imap(_job, jobs):
                 results.append(r)
                 if progress:

@@ -60,16 +60,13 @@ def encoder_files(settings: TrainSettings, index: dict):
     """
     from safetensors.torch import load_file, save_file
 
-    from model.encoders import VideoVAE
+    from pipelines.data.encode import load_vae
 
     def write(directory: Path) -> None:
         text = load_file(str(settings.latents / "text.safetensors"))
         tasks = sorted({e["task"] for e in index["episodes"] if settings.task in (None, e["task"])})
         save_file({t: text[t].contiguous() for t in tasks if t in text}, str(directory / TEXT_FILE))
-        spec = index.get("vae") or {}
-        vae = VideoVAE.from_pretrained(spec["path"]) if spec.get("path") else VideoVAE.small(
-            latent_channels=index["latent_channels"], seed=int(spec.get("seed", 0)))
-        vae.save_pretrained(directory / VAE_DIR)
+        load_vae(settings.latents, index).save_pretrained(directory / VAE_DIR)
 
     return write
 
@@ -108,13 +105,9 @@ class Tracker:
 
     def _decoder(self):
         if self._vae is None:
-            from model.encoders import VideoVAE
+            from pipelines.data.encode import load_vae
 
-            spec = self._index.get("vae") or {}
-            if spec.get("path"):
-                self._vae = VideoVAE.from_pretrained(spec["path"])
-            else:
-                self._vae = VideoVAE.small(latent_channels=self._index["latent_channels"], seed=spec.get("seed", 0))
+            self._vae = load_vae(self.settings.latents, self._index)
         return self._vae
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ def project(tmp_path_factory):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["collect"].update(tasks="reach-v3", episodes=3, image_size=32, workers=1)
     params["prepare"]["preset"] = params["encode"]["preset"] = params["pretrain"]["preset"] = "tiny"
+    params["vae"].update(dims="8,16,16", steps=2, batch=2, max_episodes=3)
     params["pretrain"].update(steps=2, nproc=1)
     params["posttrain"].update(tasks=["reach-v3"], steps=2, nproc=1)
     params["evaluate"].update(episodes=1, workers=1, max_steps=16)
@@ -46,7 +47,7 @@ def project(tmp_path_factory):
 
 def test_repro_builds_every_stage(project):
     root, env, out = project
-    for stage in ("collect", "prepare", "encode", "pretrain", "posttrain@reach-v3", "evaluate@reach-v3"):
+    for stage in ("collect", "prepare", "vae", "encode", "pretrain", "posttrain@reach-v3", "evaluate@reach-v3"):
         assert f"'{stage}'" in out
     assert (root / "data" / "latents" / "index.json").is_file()
     assert (root / "data" / "runs" / "posttrain-reach-v3" / "model" / "config.json").is_file()

@@ -126,6 +126,24 @@ def test_encoded_latents_train_the_model(encoded):
     assert torch.isfinite(LingBotVA(TINY).compute_loss(batch)["loss"])
 
 
+def test_latents_are_standardised_per_channel_on_the_training_split(encoded):
+    """The random VAE's raw latents are far from unit scale; the encode step fits per-channel statistics on the
+    training split, applies them, and stores them with the VAE copy every model directory gets."""
+    from model.encoders import VideoVAE
+    from pipelines.data.loader import LatentEpisodes
+
+    latents = encoded / "latents1"
+    vae = VideoVAE.from_pretrained(latents / "vae")
+    std = vae.latents_std.flatten()
+    assert not torch.allclose(std, torch.ones_like(std))  # fitted, not the identity of the random VAE's config
+    train = LatentEpisodes(latents, "train")
+    z = torch.cat([train.load(i)["video"] for i in range(len(train))])  # (F, C, h, w), every train episode
+    assert torch.allclose(z.mean((0, 2, 3)), torch.zeros(TINY.latent_channels), atol=1e-3)
+    assert torch.allclose(z.std((0, 2, 3)), torch.ones(TINY.latent_channels), atol=1e-2)
+    # rank 1 fitted the same numbers: its shards decode with the one saved VAE
+    assert torch.equal(VideoVAE.from_pretrained(encoded / "latents2" / "vae").latents_std, vae.latents_std)
+
+
 def _corrupt(kind: str, ds_root: Path, index: int) -> str:
     ds = LeRobotDataset(ds_root)
     if kind == "truncated-mp4":
