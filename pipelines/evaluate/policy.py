@@ -49,8 +49,15 @@ class Plan:
 class ChunkPolicy:
     """Loads a model directory once; hands out one ``EpisodePolicy`` per episode."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", chunk_size: int | None = None):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", chunk_size: int | None = None,
+                 sampler: dict | None = None):
+        """``sampler``: ``Session`` overrides of the model config's inference settings (``video_cfg``,
+        ``video_steps``, ``video_s_end``, ``action_steps``, ``action_cfg``, ``window_chunks``), for A/B runs."""
         model_dir = Path(model_dir)
+        allowed = {"video_cfg", "video_steps", "video_s_end", "action_steps", "action_cfg", "window_chunks"}
+        if sampler and set(sampler) - allowed:
+            raise ValueError(f"unknown sampler settings {sorted(set(sampler) - allowed)}; choose from {sorted(allowed)}")
+        self.sampler = dict(sampler or {})
         self.model = LingBotVA.from_pretrained(model_dir, map_location=device).eval()
         meta = self.model.checkpoint_meta
         space = meta.get("action_space") or {}
@@ -121,7 +128,7 @@ class EpisodePolicy:
         self.p = policy
         self.session = policy.model.session(policy.text[task].float().to(policy.device),
                                             torch.from_numpy(policy.action_mask), chunk_size=policy.chunk_size,
-                                            generator=torch.Generator().manual_seed(seed))
+                                            generator=torch.Generator().manual_seed(seed), **policy.sampler)
         self.stream = policy.vae.stream()
 
     def start(self, frames: np.ndarray) -> None:

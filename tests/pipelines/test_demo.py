@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 LINGBOT = Path(sys.executable).parent / "lingbot"
 TASK = "reach-v3"
-STAGES = ("collect", "prepare", "encode", "pretrain", f"posttrain@{TASK}", f"evaluate@{TASK}")
+STAGES = ("collect", "prepare", "vae", "encode", "pretrain", f"posttrain@{TASK}", f"evaluate@{TASK}")
 COLUMNS = ("task", "gate success", "fleet success", "p50 ms", "p99 ms", "on-time %", "gate decision")
 
 

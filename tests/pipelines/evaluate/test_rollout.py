@@ -67,3 +67,11 @@ def test_unknown_task_and_bad_directory_fail_fast(model_dir, tmp_path):
     LingBotVA(get_preset("tiny")).save_pretrained(tmp_path / "old")
     with pytest.raises(ValueError, match="self-contained"):
         ChunkPolicy(tmp_path / "old")
+
+
+def test_sampler_overrides_reach_the_session_and_unknown_ones_are_named(model_dir):
+    ep = ChunkPolicy(model_dir, sampler={"video_cfg": 1.0, "video_steps": 2}).episode(TASK, seed=0)
+    assert (ep.session.video_cfg, ep.session.video_steps, ep.session.rows) == (1.0, 2, 1)  # no CFG: one row
+    assert ChunkPolicy(model_dir).episode(TASK, seed=0).session.video_cfg == get_preset("tiny").video_cfg
+    with pytest.raises(ValueError, match=r"unknown sampler settings \['video_cfgg'\]"):
+        ChunkPolicy(model_dir, sampler={"video_cfgg": 1.0})
