@@ -17,6 +17,8 @@ _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_*
     "warmup_steps": (int, "linear warmup steps"),
     "grad_accum": (int, "micro-batches per step"),
     "token_budget": (int, "tokens per packed sequence"),
+    "rows": (int, "packed sequences per micro-batch"),
+    "fdm_loss_weight": (float, "L_fdm weight (stage default: 0 pretraining, 1 post-training)"),
     "zero_stage": (int, "DeepSpeed ZeRO stage 0-3"),
     "precision": (str, "auto | fp32 | bf16"),
     "checkpoint_every": (int, "checkpoint interval"),
