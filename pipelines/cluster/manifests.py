@@ -26,6 +26,7 @@ from pipelines.cluster.validate import (
     EDGE_PLACEMENT,
     PLACEMENT_LABEL,
     STANDARD_MODE,
+    STORAGE_URI_ENV,
 )
 
 PART_OF = "lingbot-va"
@@ -38,6 +39,9 @@ TOKEN_KEY = "token"
 """Key of the bearer token in ``ClusterSettings.serve_token_secret`` (the infra's lingbot-va-policy-token)."""
 SERVE_DATA = "/var/lib/lingbot"  # the policy server's data dir: downloaded models (a writable emptyDir)
 SERVE_DATA_SIZE = "20Gi"
+MODEL_DESCRIPTOR = "python_model.pkl"
+"""A file every registered LingBot-VA version holds (the pickled ``LingBotPyfunc`` of the MLflow pyfunc, small):
+what KServe's storage initializer fetches; the server itself downloads the whole version from the registry."""
 HOME = "/home/lingbot"  # the images' HOME: caches, DeepSpeed's compiled ops (TORCH_EXTENSIONS_DIR), default data dirs
 _API = k8s.ApiClient()
 
@@ -159,15 +163,36 @@ def serve_resources(s: ClusterSettings) -> k8s.V1ResourceRequirements:
                                       limits={"cpu": s.serve_cpu_limit, "memory": s.serve_memory_limit, **gpu})
 
 
+def registered_name(task: str) -> str:
+    """The registered model a task's endpoint serves (``pipelines.train.registry.registered_name_for``)."""
+    return f"lingbot-va-{task}"
+
+
+def model_storage_uri(mlflow_uri: str, task: str, version: str) -> str:
+    """The storage URI of a registered version: MLflow's ``/model-versions/get-artifact`` endpoint (proxied
+    artifacts) for ``MODEL_DESCRIPTOR``.
+
+    KServe requires a model location on the stable predictor of an InferenceService with a canary
+    (``validateCanarySpecs``); for a custom container that is its ``STORAGE_URI`` env var, which the storage
+    initializer downloads to /mnt/models before the server starts. Over HTTP from MLflow, so the endpoint needs no S3
+    credentials and no route to the object store (the platform's network rules); the file is sent as
+    ``application/octet-stream``, which the storage initializer requires of a plain HTTP download.
+    """
+    return (f"{mlflow_uri.rstrip('/')}/model-versions/get-artifact?name={registered_name(task)}&version={version}"
+            f"&path={MODEL_DESCRIPTOR}")
+
+
 def _probe(path: str, period: int, failures: int | None = None) -> k8s.V1Probe:
     return k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path=path, port=HTTP_PORT), period_seconds=period,
                        failure_threshold=failures)
 
 
 def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, name: str | None,
-               replicas: int, annotations: dict[str, str] | None) -> V1beta1PredictorSpec:
+               replicas: int, annotations: dict[str, str] | None, storage_uri: str | None = None,
+               max_replicas: int | None = None) -> V1beta1PredictorSpec:
     """One Deployment of ``lingbot serve``, shaped like the platform's own endpoint (infra/kustomize/base/policy.yaml):
-    REST + gRPC ports, the bearer token from the infra's Secret, a read-only root with writable data and /tmp."""
+    REST + gRPC ports, the bearer token from the infra's Secret, a read-only root with writable data and /tmp.
+    ``storage_uri`` becomes the container's ``STORAGE_URI`` (KServe's model location of a custom container)."""
     token = k8s.V1EnvVar(name="LINGBOT_SERVE_TOKEN", value_from=k8s.V1EnvVarSource(
         secret_key_ref=k8s.V1SecretKeySelector(name=s.serve_token_secret, key=TOKEN_KEY)))
     container = k8s.V1Container(
@@ -175,10 +200,11 @@ def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, na
         # --host 0.0.0.0: the server's default (127.0.0.1) is unreachable from the Service. --poll-interval-s 0: a
         # pod keeps the champion it loaded at start; the canary pods, restarted by every deployment, take the new
         # champion first (see inference_service)
-        args=["serve", "--model", f"models:/lingbot-va-{task}@champion", "--host", "0.0.0.0",
+        args=["serve", "--model", f"models:/{registered_name(task)}@champion", "--host", "0.0.0.0",
               "--device", "cuda" if s.serve_gpus else "cpu", "--tracking-uri", mlflow_uri, "--data-dir", SERVE_DATA,
               "--poll-interval-s", "0", "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
-        env=[token, k8s.V1EnvVar(name="HOME", value="/tmp")],
+        env=[token, k8s.V1EnvVar(name="HOME", value="/tmp"),
+             *([k8s.V1EnvVar(name=STORAGE_URI_ENV, value=storage_uri)] if storage_uri else [])],
         ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"),
                k8s.V1ContainerPort(name="h2c", container_port=GRPC_PORT, protocol="TCP")],
         startup_probe=_probe("/v2/health/live", 10, 60),  # the first load downloads the model from the registry
@@ -186,7 +212,7 @@ def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, na
         volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=SERVE_DATA),
                        k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
     return V1beta1PredictorSpec(
-        name=name, containers=[container], min_replicas=replicas, max_replicas=replicas, annotations=annotations,
+        name=name, containers=[container], min_replicas=replicas, max_replicas=max_replicas, annotations=annotations,
         service_account_name=s.serve_service_account, automount_service_account_token=False,
         node_selector=dict(s.edge_node_selector), tolerations=tolerations(s.edge_tolerations),
         security_context=pod_security(s),
@@ -194,8 +220,8 @@ def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, na
                  k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())])
 
 
-def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str,
-                      rollout: str) -> V1beta1InferenceService:
+def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, rollout: str,
+                      model_version: str) -> V1beta1InferenceService:
     """The task's policy endpoint on the edge GPU nodes, in KServe Standard mode, with a canary.
 
     Standard mode ignores ``predictor.canaryTrafficPercent`` (a Knative feature); KServe >= 0.20 splits traffic in
@@ -204,9 +230,15 @@ def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: 
     annotation, so every deployment restarts them and they serve the new champion to ``canary_percent`` % of the
     traffic. The stable pods take it when they next restart (``kubectl rollout restart
     deployment/lingbot-va-<task>-predictor`` once the canary looks healthy).
+
+    KServe's webhook (``validateCanarySpecs``) wants a model location on the stable predictor and no
+    ``maxReplicas`` on a canary (canaries run ``minReplicas`` pods): the stable predictor carries the storage URI of
+    ``model_version`` (the champion when the workflow deploys; ``model_storage_uri``), the canary only minReplicas.
+    The server still loads ``models:/lingbot-va-<task>@champion`` itself.
     """
     stable = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name=None, replicas=s.serve_replicas,
-                        annotations=None)
+                        max_replicas=s.serve_replicas, annotations=None,
+                        storage_uri=model_storage_uri(mlflow_uri, task, model_version))
     canary = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name="canary", replicas=1,
                         annotations={ROLLOUT_ANNOTATION: rollout})
     return V1beta1InferenceService(

@@ -44,6 +44,18 @@ DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 STANDARD_MODE = "Standard"
 """KServe >= 0.15 name of plain Deployment + Service mode; ``RawDeployment`` is its deprecated alias."""
 LEGACY_STANDARD_MODE = "RawDeployment"
+KSERVE_CONTAINER = "kserve-container"
+"""The predictor container KServe treats as a custom implementation (pkg/constants: ``InferenceServiceContainerName``)."""
+STORAGE_URI_ENV = "STORAGE_URI"
+"""A custom container's model location (pkg/constants: ``CustomSpecStorageUriEnvVarKey``); KServe's storage
+initializer downloads it to /mnt/models before the container starts."""
+STORAGE_URI_PREFIXES = ("gs://", "s3://", "pvc://", "file://", "https://", "http://", "hdfs://", "webhdfs://",
+                        "oci://", "oci+native://", "oci+fetch://", "hf://")
+"""Storage URI schemes KServe's controller accepts (controller/v1beta1/inferenceservice/utils:
+``SupportedStorageURIPrefixList``)."""
+_PREDICTOR_IMPLEMENTATIONS = ("xgboost", "pytorch", "triton", "sklearn", "tensorflow", "onnx", "pmml", "lightgbm",
+                              "paddle", "huggingface", "model")
+"""``PredictorSpec.GetImplementations`` order (its JSON names); ``containers`` come last."""
 
 PLACEMENT_LABEL = "platform.lingbot-va.io/placement"
 """Label marking where a workload is meant to run; ``edge`` = the robots' edge GPU nodes."""
@@ -340,25 +352,91 @@ def _inferenceservice_problems(doc: Mapping) -> Iterator[str]:
         if not predictor.get("tolerations"):
             yield "spec.predictor.tolerations: an edge InferenceService must tolerate the edge nodes' taints"
     canaries = spec.get("canary") or []
-    if canaries and mode not in (STANDARD_MODE, LEGACY_STANDARD_MODE):
+    if canaries:
+        yield from _canary_problems(mode, predictor, canaries)
+
+
+def _implementations(predictor: Mapping) -> list[str]:
+    """KServe ``PredictorSpec.GetImplementations``: the framework / ``model`` fields set, then the custom container
+    (the one named ``kserve-container``, or the first container when nothing else is set)."""
+    found = [key for key in _PREDICTOR_IMPLEMENTATIONS if isinstance(predictor.get(key), Mapping)]
+    containers = [c for c in predictor.get("containers") or [] if isinstance(c, Mapping)]
+    if containers:
+        found += ["containers" for c in containers if c.get("name") == KSERVE_CONTAINER]
+        if not found:
+            found.append("containers")
+    return found
+
+
+def _storage_uri(predictor: Mapping) -> str | None:
+    """KServe ``GetImplementation().GetStorageUri()``: the first implementation's ``storageUri``; for a custom
+    container, the ``STORAGE_URI`` env var of ``kserve-container``."""
+    found = _implementations(predictor)
+    if not found:
+        return None
+    if found[0] != "containers":
+        return predictor[found[0]].get("storageUri")
+    for container in predictor.get("containers") or []:
+        if isinstance(container, Mapping) and container.get("name") == KSERVE_CONTAINER:
+            return next((e.get("value") for e in container.get("env") or []
+                         if isinstance(e, Mapping) and e.get("name") == STORAGE_URI_ENV), None)
+    return None
+
+
+def _canary_problems(mode: Any, predictor: Mapping, canaries: Any) -> Iterator[str]:
+    """KServe >= 0.20 ``validateCanarySpecs`` (pkg/apis/serving/v1beta1/inference_service_validation.go) and what
+    it calls (``validateExactlyOneImplementation``, ``ComponentExtensionSpec.Validate``), plus the storage URI
+    prefixes the controller accepts (``ValidateStorageURI``) and a platform rule (no Knative canary alongside)."""
+    if mode not in (STANDARD_MODE, LEGACY_STANDARD_MODE):
         yield f"spec.canary: only supported in {STANDARD_MODE!r} mode (annotation {DEPLOYMENT_MODE_ANNOTATION})"
-    if canaries and predictor.get("canaryTrafficPercent") is not None:
+    if predictor.get("canaryTrafficPercent") is not None:
         yield "spec.predictor.canaryTrafficPercent: cannot be combined with spec.canary"
+    if not isinstance(predictor.get("model"), Mapping) and not _storage_uri(predictor):
+        yield ("spec.predictor: a canary requires a stable predictor with a model (predictor.model, or a storageUri; "
+               f"a custom container: the {STORAGE_URI_ENV} env var of {KSERVE_CONTAINER!r})")
+    uri = _storage_uri(predictor)
+    if isinstance(uri, str) and not uri.startswith(STORAGE_URI_PREFIXES):
+        yield f"spec.predictor: storage URI {uri!r} has no supported prefix ({', '.join(STORAGE_URI_PREFIXES)})"
+    stable_min = predictor.get("minReplicas") if isinstance(predictor.get("minReplicas"), int) else 1
     names, total = [predictor.get("name")], 0
     for i, canary in enumerate(canaries if isinstance(canaries, list) else []):
         if not isinstance(canary, Mapping):
             continue
+        path = f"spec.canary[{i}].predictor"
         cpred = canary.get("predictor") if isinstance(canary.get("predictor"), Mapping) else {}
         cname = cpred.get("name")
         if not cname:
-            yield f"spec.canary[{i}].predictor.name: required (it names the canary's Deployment)"
+            yield f"{path}.name: required (it names the canary's Deployment)"
         elif cname in names:
-            yield f"spec.canary[{i}].predictor.name: {cname!r} is not unique"
+            yield f"{path}.name: {cname!r} is not unique (among the canaries and the stable predictor)"
         names.append(cname)
-        total += canary.get("trafficPercent") if isinstance(canary.get("trafficPercent"), int) else 0
+        percent = canary.get("trafficPercent")
+        if isinstance(percent, int):
+            if not 0 <= percent <= 100:
+                yield f"spec.canary[{i}].trafficPercent: must be between 0 and 100, got {percent}"
+            total += percent
+        found = _implementations(cpred)
+        if len(found) != 1:
+            yield (f"{path}: exactly one implementation (a framework, model, or the {KSERVE_CONTAINER!r} container) "
+                   f"must be specified, got {found or 'none'}")
+        if cpred.get("workerSpec") is not None:
+            yield f"{path}.workerSpec: not allowed on a canary (multi-node is not supported for canaries)"
+        max_replicas = cpred.get("maxReplicas")
+        if isinstance(max_replicas, int) and max_replicas > 0:
+            yield f"{path}.maxReplicas: not allowed on a canary (canaries use fixed replicas: minReplicas)"
         for field in ("autoScaling", "scaleMetric", "scaleMetricType", "scaleTarget"):
-            if field in cpred:
-                yield f"spec.canary[{i}].predictor.{field}: autoscaling fields are not allowed on a canary"
+            if cpred.get(field) is not None:
+                yield f"{path}.{field}: autoscaling fields are not allowed on a canary (fixed replicas)"
+        cmin = cpred.get("minReplicas")
+        if isinstance(cmin, int) and cmin < 0:
+            yield f"{path}.minReplicas: must not be negative"
+        if isinstance(max_replicas, int) and max_replicas < 0:
+            yield f"{path}.maxReplicas: must not be negative"
+        if isinstance(cmin, int) and cmin > stable_min:
+            yield f"{path}.minReplicas: {cmin} exceeds the stable predictor's minReplicas ({stable_min})"
+        concurrency = cpred.get("containerConcurrency")
+        if isinstance(concurrency, int) and concurrency < 0:
+            yield f"{path}.containerConcurrency: must not be negative"
     if total > 100:
         yield f"spec.canary: trafficPercent values sum to {total} > 100"
 

@@ -6,7 +6,8 @@ run (``kubectl apply`` cannot use ``generateName``). Further runs: ``argo submit
 workflowtemplate/lingbot-va-posttrain -p task=push-v3``, or delete the finished Workflow and apply again.
 
 posttrain: dvc get (latents, feast, pretrained model) -> PyTorchJob (torchrun + DeepSpeed) -> simulation gate
-           (``lingbot evaluate ... @challenger``; a rejected candidate fails the run) -> InferenceService (apply).
+           (``lingbot evaluate ... @challenger``; a rejected candidate fails the run; its report names the version it
+           promoted) -> InferenceService (apply).
 pretrain:  dvc get (episodes, prepared, feast) -> sharded encode (PyTorchJob, one share per rank) -> pretraining
            (elastic PyTorchJob, ZeRO-3, checkpoints on the shared volume).
 """
@@ -131,25 +132,31 @@ def posttrain_template(s: ClusterSettings) -> WorkflowTemplate:
               "--resume-if-present"])  # a pod the operator restarts continues from the run's last checkpoint
     train = Resource(name="train", action="create", set_owner_reference=True, manifest=_manifest(job),
                      success_condition=PYTORCHJOB_SUCCEEDED, failure_condition=PYTORCHJOB_FAILED)
+    report = f"{WORKSPACE}/data/metrics/eval-{task}.json"
     gate = Container(
         name="gate", image=_param("cpu-image"),
+        # the evaluation report (JSON): its model_version is the candidate that, passing, became champion
+        outputs=[Parameter(name="report", value_from=m.ValueFrom(path=report))],
         args=["evaluate", "--model", f"models:/lingbot-va-{task}@challenger", "--task", task,
               "--episodes", _param("eval-episodes"), "--workers", str(s.eval_workers),
               "--data-dir", f"{WORKSPACE}/data", "--tracking-uri", _param("mlflow-uri"),
-              "--out", f"{WORKSPACE}/data/metrics/eval-{task}.json"],
+              "--out", report],
         env=_env(s), env_from=[SecretEnvFrom(name=s.s3_secret)],
         volume_mounts=[m.VolumeMount(name="workspace", mount_path=WORKSPACE), *_scratch()[1]],
         resources=_bounded(str(s.eval_workers), f"{2 * s.eval_workers}Gi"), security_context=_container_security())
     isvc = manifests.inference_service(s, task=task, image=_param("image"), mlflow_uri=_param("mlflow-uri"),
-                                       rollout="{{workflow.name}}")
+                                       rollout="{{workflow.name}}", model_version="{{inputs.parameters.version}}")
     deploy = Resource(name="deploy", action="apply", manifest=_manifest(isvc), success_condition=ISVC_READY,
-                      failure_condition=ISVC_FAILED)
+                      failure_condition=ISVC_FAILED,
+                      inputs=[Parameter(name="version", description="registered version the gate promoted")])
     pipeline = Steps(name="posttrain", sub_steps=[
         Step(name="pull-data", template="dvc-get", arguments={"path": "{{item}}"},
              with_items=["data/latents", "data/feast", "data/runs/pretrain/model"]),
         Step(name="train", template="train"),
         Step(name="gate", template="gate"),  # exits non-zero when the gate rejects: nothing is deployed
-        Step(name="deploy", template="deploy"),
+        # the version the gate evaluated and, having passed, promoted to champion (its report's model_version)
+        Step(name="deploy", template="deploy",
+             arguments={"version": "{{=jsonpath(steps.gate.outputs.parameters.report, '$.model_version')}}"}),
     ])
     return WorkflowTemplate(
         name=POSTTRAIN, namespace=s.namespace, labels=manifests.labels("pipeline"), entrypoint="posttrain",

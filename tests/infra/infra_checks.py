@@ -241,6 +241,10 @@ def rbac_problems(docs: list[dict]) -> list[str]:
 # -------------------------------------------------------------------------------------------------------- Secrets
 
 _CREDENTIAL_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|_URI$|^token$", re.IGNORECASE)
+_PLAIN_URI_ENV = re.compile(r"TRACKING_URI$|^STORAGE_URI$")
+"""URIs pods may get as literal values (MLflow's endpoint; KServe's model location of a custom container) as long
+as they carry no credentials (``user:password@``)."""
+_URI_USERINFO = re.compile(r"://[^/@]*@")
 
 
 def secret_problems(docs: list[dict]) -> list[str]:
@@ -256,7 +260,8 @@ def secret_problems(docs: list[dict]) -> list[str]:
     for w in workloads(docs):
         for c in _containers(w.spec):
             for env in c.get("env") or []:
-                if _CREDENTIAL_KEY.search(env["name"]) and "value" in env and not env["name"].endswith("TRACKING_URI"):
+                plain = _PLAIN_URI_ENV.search(env["name"]) and not _URI_USERINFO.search(str(env.get("value")))
+                if _CREDENTIAL_KEY.search(env["name"]) and "value" in env and not plain:
                     problems.append(f"{w.where} container {c.get('name')}: {env['name']} is a literal value "
                                     "(use valueFrom.secretKeyRef)")
     return problems

@@ -171,6 +171,9 @@ PLANTED = [
     pytest.param("kustomize-base", ISVC,
                  _container_change(lambda c: c["env"].append({"name": "LINGBOT_SERVE_TOKEN", "value": "abc"})),
                  secret_problems, "LINGBOT_SERVE_TOKEN is a literal value", id="literal-token-env"),
+    pytest.param("chart-default", ISVC, _container_change(lambda c: c["env"].append(
+                 {"name": "STORAGE_URI", "value": "https://user:pw@mlflow.example/model-versions/get-artifact"})),
+                 secret_problems, "STORAGE_URI is a literal value", id="credentials-in-storage-uri"),
     pytest.param("kustomize-base", lambda docs: [d for d in docs if d["metadata"]["name"] != "mlflow"
                                                  or d["kind"] != "NetworkPolicy"], None, coverage_problems,
                  "Deployment/mlflow: no NetworkPolicy of its own for Ingress", id="workload-without-network-policy"),

@@ -152,6 +152,12 @@ containers:
       {{- end }}
       - name: HOME
         value: /tmp
+      {{- if eq .variant "main" }}
+      {{- /* KServe's model location of a custom container (validateCanarySpecs wants one on the stable predictor):
+      the storage initializer fetches this registered version's pyfunc descriptor over MLflow's artifact proxy */}}
+      - name: STORAGE_URI
+        value: {{ printf "%s/model-versions/get-artifact?name=%s%s&version=%s&path=python_model.pkl" (trimSuffix "/" (default (include "lingbot.mlflowUri" $root) $p.trackingUri)) $p.modelPrefix $task.name (default $p.modelVersion $task.modelVersion) | quote }}
+      {{- end }}
     ports:
       - name: http1
         containerPort: 8080

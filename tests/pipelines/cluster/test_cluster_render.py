@@ -91,6 +91,12 @@ def test_posttrain_runs_pull_train_gate_deploy():
     assert gate[gate.index("--model") + 1] == "models:/lingbot-va-{{workflow.parameters.task}}@challenger"
     assert "--no-fail" not in gate  # a rejected candidate stops the run before deploy
 
+    # the deploy step gets the version the gate promoted: model_version of its report (an output parameter)
+    report = template(wt, "gate")["outputs"]["parameters"]
+    assert report == [{"name": "report", "valueFrom": {"path": gate[gate.index("--out") + 1]}}]
+    assert template(wt, "posttrain")["steps"][3][0]["arguments"]["parameters"] == [
+        {"name": "version", "value": "{{=jsonpath(steps.gate.outputs.parameters.report, '$.model_version')}}"}]
+
     deploy = template(wt, "deploy")["resource"]
     assert deploy["action"] == "apply" and "UpToDate" in deploy["successCondition"]
     isvc = embedded(docs, "deploy")
@@ -102,8 +108,15 @@ def test_posttrain_runs_pull_train_gate_deploy():
     assert serve["args"][:3] == ["serve", "--model", "models:/lingbot-va-reach-v3@champion"]
     assert serve["resources"] == {"requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
                                   "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}}
+    # KServe's canary rules: a model location on the stable predictor (a custom container's STORAGE_URI: the
+    # champion version's pyfunc descriptor over MLflow's artifact proxy), no maxReplicas on the canary
+    env = {e["name"]: e.get("value") for e in serve["env"]}
+    assert env["STORAGE_URI"] == ("http://mlflow.lingbot.svc.cluster.local:5000/model-versions/get-artifact"
+                                  "?name=lingbot-va-reach-v3&version=sample&path=python_model.pkl")  # {{=jsonpath(...)}}
+    assert predictor["minReplicas"] == predictor["maxReplicas"] == 1
     [canary] = isvc["spec"]["canary"]
     assert canary["trafficPercent"] == 10 and canary["predictor"]["name"] == "canary"
+    assert canary["predictor"]["minReplicas"] == 1 and "maxReplicas" not in canary["predictor"]
     assert canary["predictor"]["annotations"] == {"platform.lingbot-va.io/rollout": "sample"}  # {{workflow.name}}
 
 

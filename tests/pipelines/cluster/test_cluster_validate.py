@@ -10,6 +10,7 @@ from kubernetes import client as k8s
 from pipelines.cluster.manifests import to_dict
 from pipelines.cluster.validate import (
     DEPLOYMENT_MODE_ANNOTATION,
+    STORAGE_URI_ENV,
     admission_problems,
     load_crd_schemas,
     validate_documents,
@@ -73,6 +74,32 @@ def _pod(docs):
 
 def _predictor(docs):
     return docs[0]["spec"]["predictor"]
+
+
+def _canary(docs):
+    return docs[0]["spec"]["canary"][0]["predictor"]
+
+
+def _serve_env(docs):
+    return _predictor(docs)["containers"][0]["env"]
+
+
+def _drop_storage_uri(docs):
+    env = _serve_env(docs)
+    assert any(e["name"] == STORAGE_URI_ENV for e in env)
+    env[:] = [e for e in env if e["name"] != STORAGE_URI_ENV]
+
+
+def _set_storage_uri(uri):
+    def mutate(docs):
+        (var,) = [e for e in _serve_env(docs) if e["name"] == STORAGE_URI_ENV]
+        var["value"] = uri
+    return mutate
+
+
+def _duplicate_canary(docs):
+    docs[0]["spec"]["canary"][0]["trafficPercent"] = 10
+    docs[0]["spec"]["canary"].append(copy.deepcopy(docs[0]["spec"]["canary"][0]))
 
 
 def _wt(docs):
@@ -161,6 +188,28 @@ PLANTED = [
                  "canary[0].predictor.name: required", id="isvc-canary-without-name", marks=CR),
     pytest.param("isvc", _set(lambda d: d[0]["metadata"], "name", "lingbot.va"), "not a DNS-1035 label",
                  id="isvc-bad-dns1035-name", marks=CR),
+    # KServe >= 0.20 validateCanarySpecs (and what it calls)
+    pytest.param("isvc", _drop_storage_uri, "a canary requires a stable predictor with a model",
+                 id="isvc-canary-stable-without-model", marks=CR),
+    pytest.param("isvc", _set_storage_uri("models:/lingbot-va-reach-v3@champion"), "has no supported prefix",
+                 id="isvc-storage-uri-unsupported-scheme", marks=CR),
+    pytest.param("isvc", _set(_canary, "maxReplicas", 1), "canary[0].predictor.maxReplicas: not allowed on a canary",
+                 id="isvc-canary-max-replicas", marks=CR),
+    pytest.param("isvc", _set(_canary, "scaleTarget", 80), "canary[0].predictor.scaleTarget: autoscaling fields",
+                 id="isvc-canary-scale-target", marks=CR),
+    pytest.param("isvc", _set(_canary, "workerSpec", {}), "canary[0].predictor.workerSpec: not allowed on a canary",
+                 id="isvc-canary-worker-spec", marks=CR),
+    pytest.param("isvc", _set(_canary, "minReplicas", 2), "minReplicas: 2 exceeds the stable predictor's minReplicas",
+                 id="isvc-canary-more-replicas-than-stable", marks=CR),
+    pytest.param("isvc", _set(_predictor, "name", "canary"), "canary[0].predictor.name: 'canary' is not unique",
+                 id="isvc-canary-named-like-stable", marks=CR),
+    pytest.param("isvc", _duplicate_canary, "canary[1].predictor.name: 'canary' is not unique",
+                 id="isvc-canary-duplicate-name", marks=CR),
+    pytest.param("isvc", _set(_canary, "model", {"modelFormat": {"name": "lingbot-va"}, "storageUri": "s3://b/m"}),
+                 "exactly one implementation", id="isvc-canary-model-and-container", marks=CR),
+    pytest.param("isvc", _pop(_canary, "containers"), "exactly one implementation (a framework, model, or the "
+                 "'kserve-container' container) must be specified, got none", id="isvc-canary-without-implementation",
+                 marks=CR),
     # built-in kinds: strict Kubernetes OpenAPI schemas
     pytest.param("configmap", _set(lambda d: d[0], "date", {"a": "b"}), "('date' was unexpected)",
                  id="configmap-unknown-field"),
@@ -271,6 +320,14 @@ ADMISSION = [  # admission rules alone: no CRDs needed
         DEPLOYMENT_MODE_ANNOTATION: "Standard"}}, "spec": {"predictor": {}, "canary": [
             {"trafficPercent": 5, "predictor": {"name": "c", "scaleMetric": "cpu"}}]}},
         "autoscaling fields are not allowed on a canary", id="isvc-canary-autoscaling"),
+    pytest.param({"kind": "InferenceService", "metadata": {"name": "svc", "annotations": {
+        DEPLOYMENT_MODE_ANNOTATION: "Standard"}}, "spec": {"predictor": {}, "canary": [
+            {"trafficPercent": -5, "predictor": {"name": "c", "containers": [{"name": "kserve-container"}]}}]}},
+        "trafficPercent: must be between 0 and 100, got -5", id="isvc-canary-negative-percent"),
+    pytest.param({"kind": "InferenceService", "metadata": {"name": "svc", "annotations": {
+        DEPLOYMENT_MODE_ANNOTATION: "Standard"}}, "spec": {"predictor": {"containers": [
+            {"name": "kserve-container", "image": "x"}]}, "canary": [{"trafficPercent": 5, "predictor": {"name": "c"}}]}},
+        "a canary requires a stable predictor with a model", id="isvc-canary-custom-container-without-storage-uri"),
     pytest.param({"kind": "Workflow", "metadata": {"generateName": "run-"}, "spec": {"templates": [
         {"name": "a", "container": {"image": "x"}}]}}, "spec.entrypoint: required", id="workflow-without-entrypoint"),
     pytest.param({"kind": "Workflow", "metadata": {"name": "w"}, "spec": {"entrypoint": "main", "templates": [
@@ -298,4 +355,21 @@ def test_admission_accepts_a_well_formed_job():
     doc = {"kind": "PyTorchJob", "metadata": {"name": "job"}, "spec": {"pytorchReplicaSpecs": {
         "Master": {"replicas": 1, "template": {"spec": {"containers": [{"name": "pytorch", "image": "x"}]}}},
         "Worker": {"replicas": 3, "template": {"spec": {"containers": [{"name": "pytorch", "image": "x"}]}}}}}}
+    assert admission_problems(doc) == []
+
+
+@pytest.mark.parametrize("predictor", [
+    pytest.param({"model": {"modelFormat": {"name": "lingbot-va"}, "runtime": "lingbot-va",
+                            "storageUri": "s3://mlflow-artifacts/1/models/m-1/artifacts"}}, id="model"),
+    pytest.param({"sklearn": {"storageUri": "gs://bucket/model"}}, id="framework-storage-uri"),
+    pytest.param({"containers": [{"name": "kserve-container", "image": "x",
+                                  "env": [{"name": STORAGE_URI_ENV, "value": "http://mlflow:5000/f.pkl"}]}]},
+                 id="custom-container-storage-uri"),
+])
+def test_admission_accepts_a_canary_of_a_stable_model(predictor):
+    """The shapes KServe's validateCanarySpecs admits: a model location on the stable predictor (predictor.model, a
+    framework's storageUri, a custom container's STORAGE_URI) and a fixed-size canary with one implementation."""
+    doc = {"kind": "InferenceService", "metadata": {"name": "svc", "annotations": {
+        DEPLOYMENT_MODE_ANNOTATION: "Standard"}}, "spec": {"predictor": {"minReplicas": 2, **predictor}, "canary": [
+            {"trafficPercent": 10, "predictor": {"name": "canary", "minReplicas": 2, **copy.deepcopy(predictor)}}]}}
     assert admission_problems(doc) == []
