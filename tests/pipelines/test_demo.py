@@ -144,7 +144,7 @@ def test_second_run_reuses_the_dvc_cache_and_is_faster(runs):
     assert second["summary"]["dvc"]["unchanged"] == list(STAGES)
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in second["out"]
-    assert "dvc repro ran 0 stage(s), 6 unchanged" in second["out"]
+    assert f"dvc repro ran 0 stage(s), {len(STAGES)} unchanged" in second["out"]
     (row,) = second["summary"]["rows"]
     assert row["served_version"] == "1" and row["fleet_episodes"] == 1  # still serves and drives the fleet
     assert second["wall"] < first["wall"], (first["wall"], second["wall"])
