@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines.data.encode import list_episodes
-from pipelines.data.lerobot import LeRobotDataset
+from pipelines.data.encode import _episode_frames, list_episodes
 
 TAU = 4  # the Wan VAE's temporal compression: clips are 1 + 4k frames
 
@@ -77,13 +76,9 @@ class FramePool:
             raise ValueError(f"no {split} episodes under {prepared_dir}; run `lingbot data prepare` first")
         if max_episodes is not None:  # spread over datasets: every task's scenes are represented
             refs = refs[:: max(1, len(refs) // max_episodes)][:max_episodes]
-        self.episodes: list[np.ndarray] = []
-        datasets: dict[str, LeRobotDataset] = {}
-        for ref in refs:
-            ds = datasets.get(ref.dataset) or datasets.setdefault(ref.dataset, LeRobotDataset(episodes_dir / ref.dataset))
-            ep = ds.episode(ref.episode_index)
-            cams = sorted(ep.frames)
-            self.episodes.append(np.stack([ep.frames[c] for c in cams], axis=1))  # (T, V, H, W, 3)
+        datasets: dict = {}
+        # the encode step's own frame reader: the same camera order and 1 + 4k cut as the latents get
+        self.episodes = [_episode_frames(ref, episodes_dir, datasets)[3][0] for ref in refs]  # (T, V, H, W, 3) each
         shapes = {e.shape[1:] for e in self.episodes}
         if len(shapes) != 1:
             raise ValueError(f"episodes have different camera layouts {sorted(shapes)}; train one VAE per layout")
