@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from kserve.models import V1beta1CanarySpec, V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
+from kserve.models import (
+    V1alpha1ServingRuntime,
+    V1alpha1ServingRuntimeSpec,
+    V1alpha1SupportedModelFormat,
+    V1beta1CanarySpec,
+    V1beta1InferenceService,
+    V1beta1InferenceServiceSpec,
+    V1beta1ModelFormat,
+    V1beta1ModelSpec,
+    V1beta1PredictorSpec,
+)
 from kubeflow.training.models import (
     KubeflowOrgV1ElasticPolicy,
     KubeflowOrgV1PyTorchJob,
@@ -20,13 +30,14 @@ from kubeflow.training.models import (
 )
 from kubernetes import client as k8s
 
+from pipelines.cluster.images import GPU_IMAGE
 from pipelines.cluster.settings import ClusterSettings
 from pipelines.cluster.validate import (
     DEPLOYMENT_MODE_ANNOTATION,
     EDGE_PLACEMENT,
+    KSERVE_CONTAINER,
     PLACEMENT_LABEL,
     STANDARD_MODE,
-    STORAGE_URI_ENV,
 )
 
 PART_OF = "lingbot-va"
@@ -35,6 +46,11 @@ ROLLOUT_ANNOTATION = "platform.lingbot-va.io/rollout"
 """Pod annotation set to the deploying workflow's name on the canary: a new value restarts those pods."""
 HTTP_PORT = 8080  # kserve's default REST port, which Standard mode's Service targets
 GRPC_PORT = 8081  # kserve's default gRPC port: the robots' primary protocol
+MODEL_FORMAT = "lingbot-va"
+"""``modelFormat.name`` of a LingBot-VA model directory: what the ``ServingRuntime`` supports (auto-selected)."""
+PROTOCOLS = ("v2", "grpc-v2")
+"""The runtime's ``protocolVersions`` (Open Inference Protocol over REST and gRPC); an InferenceService's model names
+the first: KServe assumes v1 for a model without ``protocolVersion``, which this runtime does not serve."""
 TOKEN_KEY = "token"
 """Key of the bearer token in ``ClusterSettings.serve_token_secret`` (the infra's lingbot-va-policy-token)."""
 SERVE_DATA = "/var/lib/lingbot"  # the policy server's data dir: downloaded models (a writable emptyDir)
@@ -173,10 +189,10 @@ def model_storage_uri(mlflow_uri: str, task: str, version: str) -> str:
     artifacts) for ``MODEL_DESCRIPTOR``.
 
     KServe requires a model location on the stable predictor of an InferenceService with a canary
-    (``validateCanarySpecs``); for a custom container that is its ``STORAGE_URI`` env var, which the storage
-    initializer downloads to /mnt/models before the server starts. Over HTTP from MLflow, so the endpoint needs no S3
-    credentials and no route to the object store (the platform's network rules); the file is sent as
-    ``application/octet-stream``, which the storage initializer requires of a plain HTTP download.
+    (``validateCanarySpecs``): ``predictor.model.storageUri``, which the storage initializer downloads to
+    /mnt/models before the server starts (``http(s)://`` is one of its accepted schemes). Over HTTP from MLflow, so
+    the endpoint needs no S3 credentials and no route to the object store (the platform's network rules); the file is
+    sent as ``application/octet-stream``, which the storage initializer requires of a plain HTTP download.
     """
     return (f"{mlflow_uri.rstrip('/')}/model-versions/get-artifact?name={registered_name(task)}&version={version}"
             f"&path={MODEL_DESCRIPTOR}")
@@ -187,37 +203,64 @@ def _probe(path: str, period: int, failures: int | None = None) -> k8s.V1Probe:
                        failure_threshold=failures)
 
 
-def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, name: str | None,
-               replicas: int, annotations: dict[str, str] | None, storage_uri: str | None = None,
-               max_replicas: int | None = None) -> V1beta1PredictorSpec:
-    """One Deployment of ``lingbot serve``, shaped like the platform's own endpoint (infra/kustomize/base/policy.yaml):
-    REST + gRPC ports, the bearer token from the infra's Secret, a read-only root with writable data and /tmp.
-    ``storage_uri`` becomes the container's ``STORAGE_URI`` (KServe's model location of a custom container)."""
-    token = k8s.V1EnvVar(name="LINGBOT_SERVE_TOKEN", value_from=k8s.V1EnvVarSource(
-        secret_key_ref=k8s.V1SecretKeySelector(name=s.serve_token_secret, key=TOKEN_KEY)))
+def serving_runtime(s: ClusterSettings) -> V1alpha1ServingRuntime:
+    """The ``ServingRuntime`` of LingBot-VA: how KServe runs ``lingbot serve`` for any ``predictor.model`` of format
+    ``MODEL_FORMAT``, shaped like the platform's own endpoint (REST + gRPC ports, a read-only root with writable
+    data and /tmp). What differs per endpoint (the model, MLflow, the device, the token, resources) is the
+    InferenceService's (``model_container``); KServe merges the two (``MergeServingRuntimeAndInferenceServiceSpecs``:
+    the runtime's ``kserve-container`` patched by ``predictor.model``, args appended).
+
+    The infra (infra/kustomize/base/policy.yaml, charts/lingbot-platform) creates the same object; the tests compare.
+    """
     container = k8s.V1Container(
-        name="kserve-container", image=image, resources=serve_resources(s), security_context=container_security(),
-        # --host 0.0.0.0: the server's default (127.0.0.1) is unreachable from the Service. --poll-interval-s 0: a
-        # pod keeps the champion it loaded at start; the canary pods, restarted by every deployment, take the new
-        # champion first (see inference_service)
-        args=["serve", "--model", f"models:/{registered_name(task)}@champion", "--host", "0.0.0.0",
-              "--device", "cuda" if s.serve_gpus else "cpu", "--tracking-uri", mlflow_uri, "--data-dir", SERVE_DATA,
-              "--poll-interval-s", "0", "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
-        env=[token, k8s.V1EnvVar(name="HOME", value="/tmp"),
-             *([k8s.V1EnvVar(name=STORAGE_URI_ENV, value=storage_uri)] if storage_uri else [])],
+        name=KSERVE_CONTAINER, image=s.image(GPU_IMAGE), command=["lingbot", "serve"],
+        args=["--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+        # the server's default host (127.0.0.1) is unreachable from the Service
+        env=[k8s.V1EnvVar(name="LINGBOT_SERVE_HOST", value="0.0.0.0"),
+             k8s.V1EnvVar(name="LINGBOT_SERVE_DATA_DIR", value=SERVE_DATA), k8s.V1EnvVar(name="HOME", value="/tmp")],
         ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"),
                k8s.V1ContainerPort(name="h2c", container_port=GRPC_PORT, protocol="TCP")],
         startup_probe=_probe("/v2/health/live", 10, 60),  # the first load downloads the model from the registry
         readiness_probe=_probe("/v2/health/ready", 10), liveness_probe=_probe("/v2/health/live", 20),
+        security_context=container_security(),
         volume_mounts=[k8s.V1VolumeMount(name="data", mount_path=SERVE_DATA),
                        k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
+    return V1alpha1ServingRuntime(
+        api_version="serving.kserve.io/v1alpha1", kind="ServingRuntime",
+        metadata=k8s.V1ObjectMeta(name=s.serving_runtime, namespace=s.namespace, labels=labels("policy-server")),
+        spec=V1alpha1ServingRuntimeSpec(
+            # autoSelect: an InferenceService naming only the format gets this runtime (KServe's GetSupportingRuntimes)
+            supported_model_formats=[V1alpha1SupportedModelFormat(name=MODEL_FORMAT, auto_select=True)],
+            protocol_versions=list(PROTOCOLS), containers=[container],
+            volumes=[k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=SERVE_DATA_SIZE)),
+                     k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())]))
+
+
+def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, name: str | None,
+               replicas: int, annotations: dict[str, str] | None, storage_uri: str | None = None,
+               max_replicas: int | None = None) -> V1beta1PredictorSpec:
+    """One Deployment of the task's ``lingbot serve``: ``predictor.model`` of format ``MODEL_FORMAT`` (the runtime
+    ``serving_runtime`` supplies the container), plus the pod's placement, account and security context.
+
+    ``storage_uri`` is the model's ``storageUri``: KServe's storage initializer downloads it to /mnt/models before
+    the server starts. The server itself loads ``models:/lingbot-va-<task>@champion`` from the registry.
+    ``--poll-interval-s 0``: a pod keeps the champion it loaded at start; the canary pods, restarted by every
+    deployment, take the new champion first (see ``inference_service``)."""
+    token = k8s.V1EnvVar(name="LINGBOT_SERVE_TOKEN", value_from=k8s.V1EnvVarSource(
+        secret_key_ref=k8s.V1SecretKeySelector(name=s.serve_token_secret, key=TOKEN_KEY)))
+    model = V1beta1ModelSpec(
+        # name '' (the SDK's default): the CRD requires the field in a canary's model, the webhook refuses a
+        # non-empty one in the stable predictor's (validatePredictor), and the container's name is the runtime's
+        name="", model_format=V1beta1ModelFormat(name=MODEL_FORMAT), protocol_version=PROTOCOLS[0],
+        storage_uri=storage_uri, image=image, resources=serve_resources(s),
+        args=["--model", f"models:/{registered_name(task)}@champion", "--poll-interval-s", "0"],
+        env=[k8s.V1EnvVar(name="LINGBOT_SERVE_TRACKING_URI", value=mlflow_uri),
+             k8s.V1EnvVar(name="LINGBOT_SERVE_DEVICE", value="cuda" if s.serve_gpus else "cpu"), token])
     return V1beta1PredictorSpec(
-        name=name, containers=[container], min_replicas=replicas, max_replicas=max_replicas, annotations=annotations,
+        name=name, model=model, min_replicas=replicas, max_replicas=max_replicas, annotations=annotations,
         service_account_name=s.serve_service_account, automount_service_account_token=False,
         node_selector=dict(s.edge_node_selector), tolerations=tolerations(s.edge_tolerations),
-        security_context=pod_security(s),
-        volumes=[k8s.V1Volume(name="data", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=SERVE_DATA_SIZE)),
-                 k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())])
+        security_context=pod_security(s))
 
 
 def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, rollout: str,
@@ -231,10 +274,11 @@ def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: 
     traffic. The stable pods take it when they next restart (``kubectl rollout restart
     deployment/lingbot-va-<task>-predictor`` once the canary looks healthy).
 
-    KServe's webhook (``validateCanarySpecs``) wants a model location on the stable predictor and no
-    ``maxReplicas`` on a canary (canaries run ``minReplicas`` pods): the stable predictor carries the storage URI of
-    ``model_version`` (the champion when the workflow deploys; ``model_storage_uri``), the canary only minReplicas.
-    The server still loads ``models:/lingbot-va-<task>@champion`` itself.
+    KServe's webhook (``validateCanarySpecs``) wants a model on the stable predictor and no ``maxReplicas`` on a
+    canary (canaries run ``minReplicas`` pods): both predictors are ``predictor.model`` of format ``MODEL_FORMAT``
+    (run by ``serving_runtime``), the stable one with the ``storageUri`` of ``model_version`` (the champion when the
+    workflow deploys; ``model_storage_uri``; KServe merges each canary over the stable predictor, so the canary
+    inherits it). The server still loads ``models:/lingbot-va-<task>@champion`` itself.
     """
     stable = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name=None, replicas=s.serve_replicas,
                         max_replicas=s.serve_replicas, annotations=None,

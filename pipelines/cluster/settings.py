@@ -35,10 +35,15 @@ class ClusterSettings(BaseSettings):
     service_account: str = Field("lingbot-va-pipeline", description="service account the workflows run as")
     run_as_user: int = Field(10001, ge=1, description="non-root uid of the images' `lingbot` user")
 
-    # data: DVC reads dvc.lock from the git repo at the requested revision and the bytes from the S3 remote
-    git_repo: str = Field("https://github.com/lingbot-va/lingbot-va-platform.git", description="repo DVC reads")
+    # data: DVC reads dvc.lock from the git repo at the requested revision and the bytes from the S3 remote. The
+    # infra (infra/kustomize, charts/lingbot-platform: Chart.yaml home, minio.buckets) is checked against both by
+    # tests/pipelines/cluster/test_cluster_infra.py: one repository, one bucket the platform's MinIO user may read.
+    git_repo: str = Field("https://github.com/lingbot-va/lingbot-va-platform.git",
+                          description="the platform's git repository (DVC reads dvc.lock from it; the chart's home)")
     data_version: str = Field("main", description="default git revision (branch, tag, sha) of the DVC data")
-    dvc_remote_url: str = Field("s3://lingbot-va/dvc", description="the DVC remote on the cluster's object store")
+    dvc_remote_url: str = Field("s3://lingbot-data/dvc", description="the DVC remote on the cluster's object store "
+                                                                     "(s3://<bucket>/<prefix>; the bucket: one the "
+                                                                     "infra creates, lingbot-data)")
     s3_endpoint: str = Field("http://minio.lingbot.svc.cluster.local:9000", description="S3 API endpoint")
     s3_region: str = Field("us-east-1", description="S3 region (MinIO ignores it; boto3 needs one)")
     s3_secret: str = Field("lingbot-va-s3", description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
@@ -81,6 +86,8 @@ class ClusterSettings(BaseSettings):
     serve_memory_limit: str = Field("16Gi", description="memory limit of a policy-server pod")
     serve_service_account: str = Field("lingbot-va-policy", description="service account of the policy-server pods "
                                                                         "(created by the platform's infra)")
+    serving_runtime: str = Field("lingbot-va", description="ServingRuntime of LingBot-VA models (modelFormat "
+                                                           "lingbot-va) in the namespace; the chart's is <release>")
     serve_token_secret: str = Field("lingbot-va-policy-token", description="Secret whose key `token` is the bearer "
                                                                             "token robots send (LINGBOT_SERVE_TOKEN)")
     canary_percent: int = Field(10, ge=0, le=100, description="traffic share of the canary pods, restarted by every "
@@ -99,12 +106,19 @@ class ClusterSettings(BaseSettings):
     data_volume_size: str = Field("20Ti", description="size of the data PVC")
 
     @field_validator("namespace", "service_account", "s3_secret", "data_volume", "serve_service_account",
-                     "serve_token_secret")
+                     "serve_token_secret", "serving_runtime")
     @classmethod
     def _dns_name(cls, value: str) -> str:
         if not _DNS_LABEL.fullmatch(value) or len(value) > 63:
             raise ValueError(f"{value!r} is not a DNS-1123 label (lower-case alphanumerics and '-', <= 63)")
         return value
+
+    @field_validator("dvc_remote_url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?", value):
+            raise ValueError(f"dvc_remote_url {value!r} must be s3://<bucket>[/<prefix>] (an S3 bucket name)")
+        return value.rstrip("/")
 
     @field_validator("task")
     @classmethod
@@ -113,6 +127,11 @@ class ClusterSettings(BaseSettings):
         if not _DNS_LABEL.fullmatch(value) or len(value) > 40:
             raise ValueError(f"task {value!r} must be a lower-case slug (a-z, 0-9, '-'; <= 40 characters)")
         return value
+
+    @property
+    def data_bucket(self) -> str:
+        """The bucket of the DVC remote: what the data steps read and the infra must create and grant."""
+        return self.dvc_remote_url.removeprefix("s3://").partition("/")[0]
 
     def image(self, name: str) -> str:
         """Full reference of one of the platform images (``IMAGES`` in ``pipelines.cluster.images``)."""

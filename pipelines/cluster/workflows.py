@@ -176,11 +176,13 @@ def posttrain_template(s: ClusterSettings) -> WorkflowTemplate:
 
 
 def posttrain_documents(s: ClusterSettings) -> list[dict]:
-    """``kubectl apply -f pipelines/posttrain.yaml``: the pipeline and one run. The service account, its Role and
-    the Secrets belong to the platform's infra (infra/kustomize or charts/lingbot-platform), installed first."""
+    """``kubectl apply -f pipelines/posttrain.yaml``: the ServingRuntime its endpoints use, the pipeline and one run.
+    The service account, its Role and the Secrets belong to the platform's infra (infra/kustomize or
+    charts/lingbot-platform), installed first; the infra creates the same ServingRuntime (the tests compare), so
+    the file is complete on its own and applying it over the infra changes nothing."""
     run = _run(f"{POSTTRAIN}-{s.task}", POSTTRAIN, s, [Parameter(name="task", value=s.task)],
                manifests.labels("pipeline", s.task))
-    return [posttrain_template(s).to_dict(), run.to_dict()]
+    return [manifests.to_dict(manifests.serving_runtime(s)), posttrain_template(s).to_dict(), run.to_dict()]
 
 
 # -------------------------------------------------------------------------------------------------------- pretrain

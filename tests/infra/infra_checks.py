@@ -37,7 +37,7 @@ PLACEHOLDER = "REPLACE_ME"
 
 # Custom resources (the InferenceServices) validate against ../shared/crds; where that folder is absent, the built-in
 # kinds are still validated strictly and the custom-resource checks skip with this reason.
-from pipelines.cluster.validate import find_crds_dir  # noqa: E402
+from pipelines.cluster.validate import effective_predictors, find_crds_dir  # noqa: E402
 
 CRDS = find_crds_dir()
 needs_crds = pytest.mark.skipif(CRDS is None, reason="../shared/crds (the upstream InferenceService CRD) is absent: "
@@ -146,10 +146,9 @@ def workloads(docs: list[dict]) -> Iterator[Workload]:
         elif kind == "Pod":
             yield Workload(where(doc), doc["spec"], dict(meta.get("labels") or {}))
         elif kind == "InferenceService":
+            # a predictor.model runs in its ServingRuntime's container: the pod KServe makes of the two
             base = {**(meta.get("labels") or {}), "serving.kserve.io/inferenceservice": meta["name"]}
-            predictors = [("predictor", doc["spec"]["predictor"])]
-            predictors += [(f"canary[{i}]", c["predictor"]) for i, c in enumerate(doc["spec"].get("canary") or [])]
-            for part, predictor in predictors:
+            for part, predictor in effective_predictors(doc, docs):
                 labels = {**base, **(predictor.get("labels") or {}), "component": "predictor"}
                 yield Workload(f"{where(doc)} {part}", predictor, labels)
 
@@ -257,6 +256,13 @@ def secret_problems(docs: list[dict]) -> list[str]:
         for key, value in (doc.get("stringData") or {}).items():
             if _CREDENTIAL_KEY.search(key) and PLACEHOLDER not in str(value):
                 problems.append(f"{where(doc)}: {key} is not the placeholder {PLACEHOLDER}")
+    for doc in find(docs, "InferenceService"):
+        parts = [("predictor", doc["spec"]["predictor"])]
+        parts += [(f"canary[{i}]", c["predictor"]) for i, c in enumerate(doc["spec"].get("canary") or [])]
+        for part, predictor in parts:
+            if _URI_USERINFO.search(str((predictor.get("model") or {}).get("storageUri"))):
+                problems.append(f"{where(doc)} {part}: model.storageUri carries credentials (the storage "
+                                "initializer reads them from a Secret of the service account)")
     for w in workloads(docs):
         for c in _containers(w.spec):
             for env in c.get("env") or []:
@@ -477,7 +483,19 @@ def mutated(docs: list[dict], kind: str, name: str, change) -> list[dict]:
 
 
 def container(doc: dict, index: int = 0) -> dict[str, Any]:
-    """The ``index``-th container of a workload's pod template (or an InferenceService's predictor)."""
+    """The ``index``-th container of a workload's pod template, a ServingRuntime's, or an InferenceService
+    predictor's (its ``model``: the fields it sets on the runtime's container)."""
     if doc["kind"] == "InferenceService":
-        return doc["spec"]["predictor"]["containers"][index]
+        predictor = doc["spec"]["predictor"]
+        return predictor["model"] if "model" in predictor else predictor["containers"][index]
+    if doc["kind"] in ("ServingRuntime", "ClusterServingRuntime"):
+        return doc["spec"]["containers"][index]
     return doc["spec"]["template"]["spec"]["containers"][index]
+
+
+def effective_container(docs: list[dict], name: str, part: str = "predictor") -> dict[str, Any]:
+    """The ``kserve-container`` of InferenceService ``name``'s ``part`` (predictor, canary[0]) as KServe runs it:
+    a ``predictor.model`` merged into its ServingRuntime's container (``validate.effective_predictors``)."""
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService" and d["metadata"]["name"] == name]
+    pods = dict(effective_predictors(isvc, docs))
+    return next(c for c in pods[part]["containers"] if c["name"] == "kserve-container")

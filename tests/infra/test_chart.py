@@ -9,7 +9,7 @@ import os
 import jsonschema
 import pytest
 import yaml
-from infra_checks import CHART, CHART_SETS, KUSTOMIZE, NAMESPACE, find, helm, validatable
+from infra_checks import CHART, CHART_SETS, KUSTOMIZE, NAMESPACE, effective_container, find, helm, validatable
 
 from pipelines.cluster.validate import validate_documents
 
@@ -54,15 +54,16 @@ def test_edge_values_render_one_endpoint_per_task(rendered):
     for task, spec in tasks.items():
         isvc = services[f"lingbot-va-{task}"]
         assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
-        predictors = [("champion", isvc["spec"]["predictor"])]
+        predictors = [("champion", "predictor", isvc["spec"]["predictor"])]
         if "canary" in spec:
             (canary,) = isvc["spec"]["canary"]
             assert canary["trafficPercent"] == spec["canary"]["trafficPercent"]
-            predictors.append((spec["canary"].get("alias", "challenger"), canary["predictor"]))
+            predictors.append((spec["canary"].get("alias", "challenger"), "canary[0]", canary["predictor"]))
         else:
             assert "canary" not in isvc["spec"]
-        for alias, predictor in predictors:
-            c = predictor["containers"][0]
+        for alias, part, predictor in predictors:
+            assert predictor["model"]["modelFormat"] == {"name": "lingbot-va"}  # run by the chart's ServingRuntime
+            c = effective_container(docs, f"lingbot-va-{task}", part)
             assert c["args"][c["args"].index("--model") + 1] == f"models:/lingbot-va-{task}@{alias}"
             assert c["image"] == "registry.example.internal/lingbot/lingbot-va-platform:0.1.0"
             gpus = str(spec.get("gpus", 1))
@@ -75,7 +76,7 @@ def test_edge_values_render_one_endpoint_per_task(rendered):
             assert env["LINGBOT_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "lingbot-policy-token",
                                                                                "key": "token"}
             assert env["LINGBOT_SERVE_MAX_SESSIONS"]["value"] == "32"  # policy.settings, for every task
-    push = services["lingbot-va-push-v3"]["spec"]["predictor"]["containers"][0]
+    push = effective_container(docs, "lingbot-va-push-v3")
     assert {e["name"]: e.get("value") for e in push["env"]}["LINGBOT_SERVE_MAX_BATCH_SIZE"] == "4"
     assert not find(docs, "Secret"), "secrets.create=false renders no Secret"
 
@@ -89,7 +90,7 @@ def test_external_services_values_render_only_the_endpoints(rendered):
     for isvc in find(docs, "InferenceService"):
         predictor = isvc["spec"]["predictor"]
         assert "nodeSelector" not in predictor and "platform.lingbot-va.io/placement" not in isvc["metadata"]["labels"]
-        c = predictor["containers"][0]
+        c = effective_container(docs, isvc["metadata"]["name"])
         assert "nvidia.com/gpu" not in c["resources"]["limits"]
         assert {e["name"]: e.get("value") for e in c["env"]}["LINGBOT_SERVE_DEVICE"] == "cpu"
 

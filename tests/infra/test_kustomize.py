@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from infra_checks import KUSTOMIZE_SETS, NAMESPACE, REPO, find, validatable
+from infra_checks import KUSTOMIZE_SETS, NAMESPACE, REPO, effective_container, find, validatable
 
 from pipelines.cluster.validate import validate_documents
 
@@ -45,8 +45,7 @@ def test_dev_overlay_is_single_replica_small_and_cpu_only(rendered):
     assert sizes == {"postgres": "2Gi", "minio": "10Gi"}
     assert {d["metadata"]["name"]: _storage(d) for d in find(base, "StatefulSet")} == {"postgres": "50Gi",
                                                                                         "minio": "200Gi"}
-    (isvc,) = find(dev, "InferenceService")
-    c = isvc["spec"]["predictor"]["containers"][0]
+    c = effective_container(dev, "lingbot-va-reach-v3")
     assert "nvidia.com/gpu" not in c["resources"]["requests"] and "nvidia.com/gpu" not in c["resources"]["limits"]
     assert {e["name"]: e.get("value") for e in c["env"]}["LINGBOT_SERVE_DEVICE"] == "cpu"
     assert not c["image"].endswith("-cuda:0.1.0")
@@ -64,7 +63,7 @@ def test_edge_overlay_pins_the_policy_endpoint_to_edge_gpu_nodes(rendered):
     assert predictor["nodeSelector"] == s.edge_node_selector
     tolerated = {(t["key"], t.get("effect")) for t in predictor["tolerations"]}
     assert {(t.key, t.effect) for t in s.edge_tolerations} <= tolerated
-    c = predictor["containers"][0]
+    c = effective_container(rendered("kustomize-edge"), "lingbot-va-reach-v3")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {e["name"]: e.get("value") for e in c["env"]}["LINGBOT_SERVE_DEVICE"] == "cuda"
     # robots on the edge LAN may call it
@@ -75,8 +74,10 @@ def test_edge_overlay_pins_the_policy_endpoint_to_edge_gpu_nodes(rendered):
 
 
 def test_policy_endpoint_serves_the_champion_with_kserve_ports(rendered):
-    (isvc,) = find(rendered("kustomize-base"), "InferenceService")
-    c = isvc["spec"]["predictor"]["containers"][0]
+    docs = rendered("kustomize-base")
+    (isvc,) = find(docs, "InferenceService")
+    assert isvc["spec"]["predictor"]["model"]["modelFormat"] == {"name": "lingbot-va"}
+    c = effective_container(docs, "lingbot-va-reach-v3")  # the ServingRuntime's container with the model's fields
     assert c["command"] == ["lingbot", "serve"]
     args = c["args"]
     assert args[args.index("--model") + 1] == "models:/lingbot-va-reach-v3@champion"

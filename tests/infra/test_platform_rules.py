@@ -153,9 +153,10 @@ PLANTED = [
     pytest.param("kustomize-base", ("Deployment", "feast"),
                  lambda d: d["spec"]["template"]["spec"]["securityContext"].update(runAsNonRoot=False),
                  workload_problems, "runAsNonRoot is not true", id="pod-may-run-as-root"),
-    pytest.param("chart-edge", ("InferenceService", "lingbot-va-push-v3"),
+    pytest.param("chart-edge", ("ServingRuntime", "lingbot-va"),
                  _container_change(lambda c: c["securityContext"].update(allowPrivilegeEscalation=True)),
-                 workload_problems, "allowPrivilegeEscalation is not false", id="endpoint-privilege-escalation"),
+                 workload_problems, "InferenceService/lingbot-va-push-v3 predictor container kserve-container: "
+                 "allowPrivilegeEscalation is not false", id="endpoint-runtime-privilege-escalation"),
     pytest.param("kustomize-base", ("Job", "minio-setup"),
                  _container_change(lambda c: c["securityContext"]["capabilities"].update(add=["NET_ADMIN"])),
                  workload_problems, "adds capabilities", id="job-adds-capabilities"),
@@ -171,9 +172,9 @@ PLANTED = [
     pytest.param("kustomize-base", ISVC,
                  _container_change(lambda c: c["env"].append({"name": "LINGBOT_SERVE_TOKEN", "value": "abc"})),
                  secret_problems, "LINGBOT_SERVE_TOKEN is a literal value", id="literal-token-env"),
-    pytest.param("chart-default", ISVC, _container_change(lambda c: c["env"].append(
-                 {"name": "STORAGE_URI", "value": "https://user:pw@mlflow.example/model-versions/get-artifact"})),
-                 secret_problems, "STORAGE_URI is a literal value", id="credentials-in-storage-uri"),
+    pytest.param("chart-default", ISVC, lambda d: d["spec"]["predictor"]["model"].update(
+                 storageUri="https://user:pw@mlflow.example/model-versions/get-artifact"),
+                 secret_problems, "model.storageUri carries credentials", id="credentials-in-storage-uri"),
     pytest.param("kustomize-base", lambda docs: [d for d in docs if d["metadata"]["name"] != "mlflow"
                                                  or d["kind"] != "NetworkPolicy"], None, coverage_problems,
                  "Deployment/mlflow: no NetworkPolicy of its own for Ingress", id="workload-without-network-policy"),

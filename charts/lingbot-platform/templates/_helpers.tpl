@@ -121,81 +121,105 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-containers:
-  - name: kserve-container
-    {{- include "lingbot.image" $p.image | nindent 4 }}
-    command: [lingbot, serve]
-    args:
-      - --model
-      - {{ printf "models:/%s%s@%s" $p.modelPrefix $task.name .alias | quote }}
-      - --http_port
-      - "8080"
-      - --grpc_port
-      - "8081"
-    env:
-      - name: LINGBOT_SERVE_HOST
-        value: 0.0.0.0
-      - name: LINGBOT_SERVE_TRACKING_URI
-        value: {{ default (include "lingbot.mlflowUri" $root) $p.trackingUri | quote }}
-      - name: LINGBOT_SERVE_DATA_DIR
-        value: /var/lib/lingbot
-      - name: LINGBOT_SERVE_DEVICE
-        value: {{ ternary "cuda" "cpu" (gt (int $gpus) 0) }}
-      - name: LINGBOT_SERVE_TOKEN
-        valueFrom:
-          secretKeyRef:
-            name: {{ include "lingbot.tokenSecret" $root }}
-            key: {{ $p.tokenSecret.key }}
-      {{- range $key := keys $settings | sortAlpha }}
-      - name: {{ printf "LINGBOT_SERVE_%s" ($key | snakecase | upper) }}
-        value: {{ get $settings $key | toString | quote }}
-      {{- end }}
-      - name: HOME
-        value: /tmp
-      {{- if eq .variant "main" }}
-      {{- /* KServe's model location of a custom container (validateCanarySpecs wants one on the stable predictor):
-      the storage initializer fetches this registered version's pyfunc descriptor over MLflow's artifact proxy */}}
-      - name: STORAGE_URI
-        value: {{ printf "%s/model-versions/get-artifact?name=%s%s&version=%s&path=python_model.pkl" (trimSuffix "/" (default (include "lingbot.mlflowUri" $root) $p.trackingUri)) $p.modelPrefix $task.name (default $p.modelVersion $task.modelVersion) | quote }}
-      {{- end }}
-    ports:
-      - name: http1
-        containerPort: 8080
-        protocol: TCP
-      - name: h2c
-        containerPort: 8081
-        protocol: TCP
-    startupProbe:
-      httpGet:
-        path: /v2/health/live
-        port: 8080
-      periodSeconds: 10
-      failureThreshold: 60
-    readinessProbe:
-      httpGet:
-        path: /v2/health/ready
-        port: 8080
-      periodSeconds: 10
-    livenessProbe:
-      httpGet:
-        path: /v2/health/live
-        port: 8080
-      periodSeconds: 20
-    resources:
-      {{- toYaml $resources | nindent 6 }}
-    securityContext:
-      {{- include "lingbot.containerSecurityContext" . | nindent 6 }}
-    volumeMounts:
-      - name: data
-        mountPath: /var/lib/lingbot
-      - name: tmp
-        mountPath: /tmp
-volumes:
-  - name: data
-    emptyDir:
-      sizeLimit: {{ $p.dataVolumeSize }}
-  - name: tmp
-    emptyDir: {}
+model:
+  {{- /* the ServingRuntime <fullname> (policy.yaml) runs it: its kserve-container, patched by the fields below */}}
+  name: ""
+  modelFormat:
+    name: lingbot-va
+  protocolVersion: v2
+  {{- if eq .variant "main" }}
+  {{- /* KServe wants a model location on the stable predictor of an endpoint with a canary (validateCanarySpecs):
+  the storage initializer fetches this registered version's pyfunc descriptor over MLflow's artifact proxy; a
+  canary, merged over the stable predictor by KServe, inherits it */}}
+  storageUri: {{ printf "%s/model-versions/get-artifact?name=%s%s&version=%s&path=python_model.pkl" (trimSuffix "/" (default (include "lingbot.mlflowUri" $root) $p.trackingUri)) $p.modelPrefix $task.name (default $p.modelVersion $task.modelVersion) | quote }}
+  {{- end }}
+  args:
+    - --model
+    - {{ printf "models:/%s%s@%s" $p.modelPrefix $task.name .alias | quote }}
+  env:
+    - name: LINGBOT_SERVE_TRACKING_URI
+      value: {{ default (include "lingbot.mlflowUri" $root) $p.trackingUri | quote }}
+    - name: LINGBOT_SERVE_DEVICE
+      value: {{ ternary "cuda" "cpu" (gt (int $gpus) 0) }}
+    - name: LINGBOT_SERVE_TOKEN
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "lingbot.tokenSecret" $root }}
+          key: {{ $p.tokenSecret.key }}
+    {{- range $key := keys $settings | sortAlpha }}
+    - name: {{ printf "LINGBOT_SERVE_%s" ($key | snakecase | upper) }}
+      value: {{ get $settings $key | toString | quote }}
+    {{- end }}
+  resources:
+    {{- toYaml $resources | nindent 4 }}
+{{- end -}}
+
+{{/*
+The ServingRuntime of LingBot-VA models (modelFormat lingbot-va, auto-selected): pipelines/cluster/manifests.py's
+serving_runtime, which the tests compare it with.
+*/}}
+{{- define "lingbot.servingRuntime" -}}
+{{- $p := .Values.policy -}}
+apiVersion: serving.kserve.io/v1alpha1
+kind: ServingRuntime
+metadata:
+  name: {{ include "lingbot.fullname" . }}
+  labels:
+    {{- include "lingbot.labels" (dict "root" . "name" "lingbot-policy") | nindent 4 }}
+    app.kubernetes.io/component: policy-server
+spec:
+  supportedModelFormats:
+    - name: lingbot-va
+      autoSelect: true
+  protocolVersions: [v2, grpc-v2]
+  containers:
+    - name: kserve-container
+      {{- include "lingbot.image" $p.image | nindent 6 }}
+      command: [lingbot, serve]
+      args: [--http_port, "8080", --grpc_port, "8081"]
+      env:
+        - name: LINGBOT_SERVE_HOST
+          value: 0.0.0.0
+        - name: LINGBOT_SERVE_DATA_DIR
+          value: /var/lib/lingbot
+        - name: HOME
+          value: /tmp
+      ports:
+        - name: http1
+          containerPort: 8080
+          protocol: TCP
+        - name: h2c
+          containerPort: 8081
+          protocol: TCP
+      startupProbe:
+        httpGet:
+          path: /v2/health/live
+          port: 8080
+        periodSeconds: 10
+        failureThreshold: 60
+      readinessProbe:
+        httpGet:
+          path: /v2/health/ready
+          port: 8080
+        periodSeconds: 10
+      livenessProbe:
+        httpGet:
+          path: /v2/health/live
+          port: 8080
+        periodSeconds: 20
+      securityContext:
+        {{- include "lingbot.containerSecurityContext" . | nindent 8 }}
+      volumeMounts:
+        - name: data
+          mountPath: /var/lib/lingbot
+        - name: tmp
+          mountPath: /tmp
+  volumes:
+    - name: data
+      emptyDir:
+        sizeLimit: {{ $p.dataVolumeSize }}
+    - name: tmp
+      emptyDir: {}
 {{- end -}}
 
 {{/* MinIO policy of the platform user: the configured buckets only. */}}

@@ -130,16 +130,22 @@ def pods(docs):
                                 "spec": template["spec"]})
             else:
                 out.append(manifest)
+    # the runtimes the InferenceServices' predictor.model resolve to (infra_checks.workloads merges them)
+    out += [d for d in docs if d["kind"] in ("ServingRuntime", "ClusterServingRuntime")]
     return out
 
 
-def pod_specs(doc):
-    """``(where, pod spec)`` of a ``Pod`` from ``pods`` or of each predictor of an ``InferenceService``."""
+def pod_specs(doc, context=()):
+    """``(where, pod spec)`` of a ``Pod`` from ``pods`` or of each predictor of an ``InferenceService`` (a
+    ``predictor.model`` merged with its ServingRuntime among ``context``, as KServe makes the pods)."""
+    from pipelines.cluster.validate import effective_predictors
+
     where = f"{doc['kind']}/{doc['metadata']['name']}"
+    if doc["kind"] in ("ServingRuntime", "ClusterServingRuntime"):
+        return []  # no pod of its own: it shapes the InferenceServices' pods
     if doc["kind"] != "InferenceService":
         return [(where, doc["spec"])]
-    canaries = [(f"{where} canary[{i}]", c["predictor"]) for i, c in enumerate(doc["spec"].get("canary") or [])]
-    return [(f"{where} predictor", doc["spec"]["predictor"]), *canaries]
+    return [(f"{where} {part}", spec) for part, spec in effective_predictors(doc, list(context))]
 
 
 IMAGE_ENTRYPOINT = ["lingbot"]

@@ -30,9 +30,9 @@ class Command:
 
 def commands(docs) -> list[Command]:
     """The command line of every container of every pod the documents make (placeholders filled)."""
-    out = []
-    for doc in pods(docs):
-        for where, spec in pod_specs(doc):
+    out, made = [], pods(docs)
+    for doc in made:
+        for where, spec in pod_specs(doc, made):  # a predictor.model: as KServe merges it with its ServingRuntime
             for c in spec["containers"]:
                 argv = [*(c.get("command") or IMAGE_ENTRYPOINT), *(c.get("args") or [])]
                 out.append(Command(f"{where} container {c['name']}", argv, c, spec))
@@ -187,13 +187,29 @@ def _edit_manifest(name, old, new, count=1):
 
 
 def _edit_serve(change):
-    """``change(container)`` on the stable predictor's container of the deploy step's InferenceService."""
+    """``change(model)`` on the stable predictor's ``model`` of the deploy step's InferenceService."""
     def mutate(docs):
         res = template(find(docs, "WorkflowTemplate"), "deploy")["resource"]
         isvc = yaml.safe_load(res["manifest"])
-        change(isvc["spec"]["predictor"]["containers"][0])
+        change(isvc["spec"]["predictor"]["model"])
         res["manifest"] = yaml.safe_dump(isvc, sort_keys=False)
     return mutate
+
+
+def _edit_runtime(change):
+    """``change(container)`` on the kserve-container of the ServingRuntime the endpoint runs in."""
+    return lambda docs: change(find(docs, "ServingRuntime")["spec"]["containers"][0])
+
+
+def _set_env(name, value):
+    return lambda c: next(e for e in c["env"] if e["name"] == name).update(value=value)
+
+
+def _probe_port(port):
+    def change(container):
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            container[probe]["httpGet"]["port"] = port
+    return change
 
 
 def _drop_flag(flag):
@@ -212,27 +228,26 @@ def _edit_args(name, old, new):
 
 POST, PRE = "pipelines/posttrain.yaml", "pipelines/pretrain.yaml"
 PLANTED = [
-    pytest.param(POST, _edit_serve(_drop_flag("--host")), "predictor container kserve-container: listens on 127.0.0.1",
-                 id="serve-default-host"),
-    pytest.param(POST, _edit_serve(lambda c: c["env"].__setitem__(0, {"name": "LINGBOT_SERVE_TOKEN", "value": "x"})),
+    pytest.param(POST, _edit_runtime(lambda c: c["env"].pop(0)),
+                 "predictor container kserve-container: listens on 127.0.0.1", id="serve-default-host"),
+    pytest.param(POST, _edit_serve(lambda c: c["env"].__setitem__(2, {"name": "LINGBOT_SERVE_TOKEN", "value": "x"})),
                  "no bearer token from a Secret", id="serve-literal-token"),
     pytest.param(POST, _edit_serve(lambda c: c["env"].append({"name": "LINGBOT_SERVE_HOSTNAME", "value": "x"})),
                  "LINGBOT_SERVE_HOSTNAME is no ServeSettings field", id="serve-unknown-env"),
-    pytest.param(POST, _edit_manifest("deploy", "- --grpc_port", "- --grpc-port"), "unrecognized arguments",
+    pytest.param(POST, _edit_runtime(lambda c: c["args"].__setitem__(2, "--grpc-port")), "unrecognized arguments",
                  id="serve-invented-flag"),
     pytest.param(POST, _edit_manifest("deploy", "- --poll-interval-s", "- --poll-interval"),
                  "--poll-interval: not a flag", id="serve-abbreviated-flag"),
-    pytest.param(POST, _edit_serve(lambda c: c["args"].__setitem__(c["args"].index("--grpc_port") + 1, "9000")),
+    pytest.param(POST, _edit_runtime(lambda c: c["args"].__setitem__(c["args"].index("--grpc_port") + 1, "9000")),
                  "gRPC on 9000 (--grpc_port), the container declares h2c=8081", id="serve-grpc-port-not-declared"),
-    pytest.param(POST, _edit_manifest("deploy", "name: h2c", "name: grpc"), "the container declares h2c=None",
+    pytest.param(POST, _edit_runtime(lambda c: c["ports"][1].update(name="grpc")), "the container declares h2c=None",
                  id="serve-grpc-port-unnamed"),
-    pytest.param(POST, _edit_manifest("deploy", "port: 8080\n", "port: 8000\n"), "checks port 8000",
-                 id="serve-probe-wrong-port"),
+    pytest.param(POST, _edit_runtime(_probe_port(8000)), "checks port 8000", id="serve-probe-wrong-port"),
     pytest.param(POST, _edit_manifest("deploy", "name: LINGBOT_SERVE_TOKEN", "name: LINGBOT_SERVE_TOKN"),
                  "no bearer token from a Secret", id="serve-token-misnamed"),
-    pytest.param(POST, _edit_manifest("deploy", "- /var/lib/lingbot\n", "- /opt/models\n"),
+    pytest.param(POST, _edit_runtime(_set_env("LINGBOT_SERVE_DATA_DIR", "/opt/models")),
                  "data dir /opt/models is on the read-only root", id="serve-data-dir-not-mounted"),
-    pytest.param(POST, _edit_manifest("deploy", "- cuda", "- cpu"), "device cpu with a GPU limit",
+    pytest.param(POST, _edit_manifest("deploy", "value: cuda", "value: cpu"), "device cpu with a GPU limit",
                  id="serve-cpu-on-a-gpu"),
     pytest.param(POST, _edit_manifest("train", "- --zero-stage", "- --zero_stage"), "unrecognized arguments",
                  id="train-invented-flag"),

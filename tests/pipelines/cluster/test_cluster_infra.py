@@ -14,9 +14,14 @@ installed first and owns what the pipelines share with it:
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
+import json
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
+import yaml
 from cluster_docs import (
     default_settings,
     embedded,
@@ -44,6 +49,7 @@ RESOURCE_ACTION_VERBS = {"create": {"create"}, "apply": {"get", "create", "patch
 """Verbs of a resource template's action (``kubectl <action>``); waiting on a success condition adds ``get``."""
 
 CHART_RELEASE = "lingbot-va"
+REPO = Path(__file__).resolve().parents[3]
 
 
 def chart_settings():
@@ -52,7 +58,7 @@ def chart_settings():
                             s3_endpoint=f"http://{CHART_RELEASE}-minio:9000", s3_secret=f"{CHART_RELEASE}-s3",
                             service_account=f"{CHART_RELEASE}-pipeline",
                             serve_service_account=f"{CHART_RELEASE}-policy",
-                            serve_token_secret=f"{CHART_RELEASE}-policy-token")
+                            serve_token_secret=f"{CHART_RELEASE}-policy-token", serving_runtime=CHART_RELEASE)
 
 
 @functools.cache
@@ -209,12 +215,10 @@ OLD_CONFIGMAP = {  # and the endpoints' ConfigMap, whose name the chart's <relea
 def _isvc_env(change):
     """Apply ``change`` to the env of the deploy step's predictor (in the manifest text of the resource template)."""
     def mutate(docs, infra_docs):
-        import yaml
-
         wt = find(docs, "WorkflowTemplate", "lingbot-va-posttrain")
         res = template(wt, "deploy")["resource"]
         isvc = yaml.safe_load(res["manifest"])
-        change(isvc["spec"]["predictor"]["containers"][0]["env"])
+        change(isvc["spec"]["predictor"]["model"]["env"])
         res["manifest"] = yaml.safe_dump(isvc, sort_keys=False)
     return mutate
 
@@ -233,7 +237,8 @@ def _drop_infra(kind, name):
 
 
 def _token_ref(**ref):
-    return _isvc_env(lambda env: env[0]["valueFrom"]["secretKeyRef"].update(ref))
+    return _isvc_env(lambda env: next(e for e in env if e["name"] == "LINGBOT_SERVE_TOKEN")["valueFrom"]
+                     ["secretKeyRef"].update(ref))
 
 
 PLANTED = [
@@ -284,8 +289,9 @@ def test_pipeline_pods_pass_the_infras_rules(path):
 
 
 def _with_pipeline_pods(docs, infra="kustomize-base"):
-    """The infra's documents with the pipelines' pods in place of the infra's endpoint (the same InferenceService)."""
-    return [d for d in infra_documents(infra) if d["kind"] != "InferenceService"] + pods(docs)
+    """The infra's documents with the pipelines' pods in place of the infra's endpoint (the same InferenceService
+    and ServingRuntime)."""
+    return [d for d in infra_documents(infra) if d["kind"] not in ("InferenceService", "ServingRuntime")] + pods(docs)
 
 
 def network_problems(docs):
@@ -347,8 +353,8 @@ RULES = [
     pytest.param(lambda d: d.append(copy.deepcopy({**OLD_ROLE, "rules": [{"apiGroups": [""], "resources": ["secrets"],
                                                                           "verbs": ["get"]}]})),
                  _rule_problems, "grants 'secrets'", id="pipeline-role-reads-secrets"),
-    pytest.param(_edit_manifest("deploy", "containerPort: 8081", "containerPort: 9000"), network_problems,
-                 "robots cannot reach port 9000 (h2c)", id="endpoint-port-closed-by-network-policy"),
+    pytest.param(lambda d: find(d, "ServingRuntime")["spec"]["containers"][0]["ports"][1].update(containerPort=9000),
+                 network_problems, "robots cannot reach port 9000 (h2c)", id="endpoint-port-closed-by-network-policy"),
 ]
 
 
@@ -376,23 +382,24 @@ def _effective(container):
     return {**settings, "http_port": namespace.http_port, "grpc_port": namespace.grpc_port}
 
 
-def endpoint_differences(pipeline_isvc, infra_isvc):
-    """Where a predictor of the pipeline's InferenceService differs from the infra's endpoint of the same name:
-    pod and container fields compared as written, except the command line and env, compared by their effect."""
+def endpoint_differences(pipeline_isvc, infra_isvc, pipeline_docs, infra_docs):
+    """Where a predictor of the pipeline's InferenceService differs from the infra's endpoint of the same name, both
+    as KServe runs them (a predictor.model merged with its ServingRuntime, from ``*_docs``): pod and container
+    fields compared as written, except the command line and env, compared by their effect."""
     differences = []
     ours_meta, theirs_meta = pipeline_isvc["metadata"], infra_isvc["metadata"]
     for field in ("name", "labels", "annotations"):
         if ours_meta.get(field) != theirs_meta.get(field):
             differences.append(f"metadata.{field}: {ours_meta.get(field)} != {theirs_meta.get(field)}")
-    theirs = infra_isvc["spec"]["predictor"]
-    for where, ours in pod_specs(pipeline_isvc)[:2]:
+    theirs = pod_specs(infra_isvc, infra_docs)[0][1]
+    for where, ours in pod_specs(pipeline_isvc, pipeline_docs)[:2]:
         # KServe rejects maxReplicas on a canary (validateCanarySpecs): it runs minReplicas pods
         fixed = {"maxReplicas"} if "canary" in where else set()
         for field in sorted({*ours, *theirs} - {"containers", "name", "annotations", "minReplicas", *fixed}):
             if ours.get(field) != theirs.get(field):
                 differences.append(f"{where}.{field}: {ours.get(field)} != {theirs.get(field)}")
         (c,), (t,) = ours["containers"], theirs["containers"]
-        for field in sorted({*c, *t} - {"command", "args", "env"}):
+        for field in sorted({*c, *t} - {"command", "args", "env", "imagePullPolicy"}):
             if c.get(field) != t.get(field):
                 differences.append(f"{where} container.{field}: {c.get(field)} != {t.get(field)}")
         ours_env, theirs_env = _effective(c), _effective(t)
@@ -405,33 +412,128 @@ def endpoint_differences(pipeline_isvc, infra_isvc):
 
 
 def _infra_endpoint():
-    return find(infra_documents("kustomize-edge"), "InferenceService")
+    docs = infra_documents("kustomize-edge")
+    return find(docs, "InferenceService"), docs
 
 
 def test_deployed_endpoint_is_the_infras_endpoint_but_for_the_rollout():
     docs = copy.deepcopy(_rendered("kustomize-base")["pipelines/posttrain.yaml"])
-    isvc, infra = embedded(docs, "deploy"), _infra_endpoint()
+    isvc, (infra, infra_docs) = embedded(docs, "deploy"), _infra_endpoint()
     assert isvc["metadata"]["name"] == infra["metadata"]["name"] == "lingbot-va-reach-v3"  # the same object
-    assert endpoint_differences(isvc, infra) == []
-    ports = {(p["name"], p["containerPort"]) for p in isvc["spec"]["predictor"]["containers"][0]["ports"]}
+    assert endpoint_differences(isvc, infra, docs, infra_docs) == []
+    (_, pod), *_ = pod_specs(isvc, docs)
+    ports = {(p["name"], p["containerPort"]) for p in pod["containers"][0]["ports"]}
     assert ports == {("http1", 8080), ("h2c", 8081)}  # gRPC: the robots' primary protocol
     assert "canary" not in infra["spec"] and isvc["spec"]["canary"][0]["predictor"]["name"] == "canary"
 
 
+def _runtime_spec(doc):
+    """What two ServingRuntimes of the same name must agree on: the spec (the chart adds imagePullPolicy)."""
+    spec = copy.deepcopy(doc["spec"])
+    for c in spec.get("containers") or []:
+        c.pop("imagePullPolicy", None)
+    return spec
+
+
+@pytest.mark.parametrize("infra", INFRA_SETS)
+def test_serving_runtime_is_the_infras(infra):
+    """posttrain.yaml carries the ServingRuntime its endpoints need (so the file is complete); the infra creates the
+    same object, so applying one over the other changes nothing."""
+    ours = find(pipeline_documents(infra), "ServingRuntime")
+    theirs = find(infra_documents(infra), "ServingRuntime")
+    assert ours["metadata"]["name"] == theirs["metadata"]["name"]
+    assert _runtime_spec(ours) == _runtime_spec(theirs)
+
+
+def _model(isvc, runtime):
+    return isvc["spec"]["predictor"]["model"]
+
+
+def _runtime_container(isvc, runtime):
+    return runtime["spec"]["containers"][0]
+
+
 DRIFT = [
-    pytest.param(lambda c: c["ports"].pop(), "container.ports", id="no-grpc-port"),
-    pytest.param(lambda c: c["resources"].pop("limits"), "container.resources", id="no-limits"),
-    pytest.param(lambda c: c["securityContext"].pop("readOnlyRootFilesystem"), "container.securityContext",
-                 id="writable-root"),
-    pytest.param(lambda c: c["env"].pop(0), "`lingbot serve` token", id="no-token"),
-    pytest.param(lambda c: c["args"].extend(["--host", "127.0.0.1"]), "`lingbot serve` host", id="loopback-host"),
-    pytest.param(lambda c: c["args"].extend(["--grpc_port", "9081"]), "`lingbot serve` grpc_port", id="other-grpc-port"),
+    pytest.param(_runtime_container, lambda c: c["ports"].pop(), "container.ports", id="no-grpc-port"),
+    pytest.param(_model, lambda c: c["resources"].pop("limits"), "container.resources", id="no-limits"),
+    pytest.param(_runtime_container, lambda c: c["securityContext"].pop("readOnlyRootFilesystem"),
+                 "container.securityContext", id="writable-root"),
+    pytest.param(_model, lambda c: c["env"].pop(), "`lingbot serve` token", id="no-token"),
+    pytest.param(_model, lambda c: c["args"].extend(["--host", "127.0.0.1"]), "`lingbot serve` host",
+                 id="loopback-host"),
+    pytest.param(_model, lambda c: c["args"].extend(["--grpc_port", "9081"]), "`lingbot serve` grpc_port",
+                 id="other-grpc-port"),
 ]
 
 
-@pytest.mark.parametrize("change, expected", DRIFT)
-def test_planted_endpoint_drift_is_caught(change, expected):
-    isvc = copy.deepcopy(embedded(_rendered("kustomize-base")["pipelines/posttrain.yaml"], "deploy"))
-    change(isvc["spec"]["predictor"]["containers"][0])
-    differences = endpoint_differences(isvc, _infra_endpoint())
+@pytest.mark.parametrize("target, change, expected", DRIFT)
+def test_planted_endpoint_drift_is_caught(target, change, expected):
+    docs = copy.deepcopy(_rendered("kustomize-base")["pipelines/posttrain.yaml"])
+    isvc, runtime = copy.deepcopy(embedded(docs, "deploy")), find(docs, "ServingRuntime")
+    infra, infra_docs = _infra_endpoint()
+    assert endpoint_differences(isvc, infra, docs, infra_docs) == []
+    change(target(isvc, runtime))
+    differences = endpoint_differences(isvc, infra, docs, infra_docs)
     assert any(expected in d for d in differences), "\n".join(differences) or "no difference reported"
+
+
+# ------------------------------------------------------------------------------------- one data bucket, one repo
+def _dvc_remotes(pipeline_docs):
+    """``s3://bucket/prefix`` of every ``dvc get`` the workflows run (its ``--remote-config url=...``)."""
+    return {a.removeprefix("url=") for d in pipeline_docs if d["kind"] == "WorkflowTemplate"
+            for t in d["spec"]["templates"] if "container" in t and t["container"].get("command") == ["dvc"]
+            for a in t["container"]["args"] if a.startswith("url=")}
+
+
+def _allows(policy, action, resource):
+    return any(s["Effect"] == "Allow" and action in s["Action"] and any(fnmatch.fnmatchcase(resource, r)
+                                                                        for r in s["Resource"])
+               for s in policy["Statement"])
+
+
+def data_bucket_problems(pipeline_docs, infra_docs):
+    """The bucket the data steps read is one the infra's MinIO setup Job creates, and its policy (the platform
+    user's: the S3 keys the pipeline pods get) lets them list and read it."""
+    (job,) = [d for d in infra_docs if d["kind"] == "Job" and d["metadata"]["name"].endswith("minio-setup")]
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    created = env["BUCKETS"].split()
+    (setup,) = [d for d in infra_docs if d["kind"] == "ConfigMap" and "lingbot-rw.json" in (d.get("data") or {})]
+    policy = json.loads(setup["data"]["lingbot-rw.json"])
+    problems = []
+    for url in sorted(_dvc_remotes(pipeline_docs)):
+        bucket = urlparse(url).hostname
+        if bucket not in created:
+            problems.append(f"dvc remote {url}: bucket {bucket!r} is not created by the infra (it creates {created})")
+        if not _allows(policy, "s3:ListBucket", f"arn:aws:s3:::{bucket}") or \
+                not _allows(policy, "s3:GetObject", f"arn:aws:s3:::{bucket}/dvc/files/md5/00/0"):
+            problems.append(f"dvc remote {url}: the platform's MinIO user may not list and read bucket {bucket!r}")
+    return problems
+
+
+@pytest.mark.parametrize("infra", INFRA_SETS)
+def test_the_data_step_reads_a_bucket_the_infra_creates_and_grants(infra):
+    docs = pipeline_documents(infra)
+    s = chart_settings() if infra.startswith("chart") else default_settings()
+    assert _dvc_remotes(docs) == {s.dvc_remote_url} and s.data_bucket == "lingbot-data"
+    assert data_bucket_problems(docs, infra_documents(infra)) == []
+
+
+@pytest.mark.parametrize("infra", INFRA_SETS)
+def test_a_dvc_remote_outside_the_infras_buckets_is_caught(infra):
+    s = (chart_settings if infra.startswith("chart") else default_settings)()
+    docs = [d for docs in render_documents(s.model_copy(update={"dvc_remote_url": "s3://lingbot-va/dvc"})).values()
+            for d in docs]
+    problems = data_bucket_problems(docs, infra_documents(infra))
+    assert any("bucket 'lingbot-va' is not created by the infra" in p for p in problems), problems
+    assert any("may not list and read bucket 'lingbot-va'" in p for p in problems), problems
+
+
+def test_one_git_repository_everywhere():
+    """The repository DVC reads is the chart's home: one organisation, one URL (ClusterSettings.git_repo)."""
+    s = default_settings()
+    chart = yaml.safe_load((REPO / "charts" / "lingbot-platform" / "Chart.yaml").read_text())
+    assert chart["home"] == s.git_repo.removesuffix(".git")
+    dvc_args = {a for d in pipeline_documents() if d["kind"] == "WorkflowTemplate" for t in d["spec"]["templates"]
+                if "container" in t and t["container"].get("command") == ["dvc"] for a in t["container"]["args"]}
+    assert s.git_repo in dvc_args
+    assert urlparse(s.git_repo).path.split("/")[1] == s.registry.rpartition("/")[2]  # ghcr.io/<the same org>

@@ -5,6 +5,7 @@ import copy
 import functools
 import os
 
+import pytest
 from cluster_docs import default_settings, embedded, find, parse, render_documents, template
 
 from pipelines.cli import main
@@ -70,7 +71,8 @@ def test_posttrain_runs_pull_train_gate_deploy():
     assert pull["withItems"] == ["data/latents", "data/feast", "data/runs/pretrain/model"]
     dvc = template(wt, "dvc-get")["container"]
     assert dvc["command"] == ["dvc"] and "{{workflow.parameters.data-version}}" in dvc["args"]
-    assert any(a.startswith("url=s3://") for a in dvc["args"])
+    assert "url=s3://lingbot-data/dvc" in dvc["args"]  # ClusterSettings.dvc_remote_url, in the infra's bucket
+    assert dvc["args"][1] == "https://github.com/lingbot-va/lingbot-va-platform.git"  # ClusterSettings.git_repo
 
     train = template(wt, "train")["resource"]
     assert train["action"] == "create" and train["setOwnerReference"] is True
@@ -104,15 +106,19 @@ def test_posttrain_runs_pull_train_gate_deploy():
     assert isvc["metadata"]["annotations"] == {"serving.kserve.io/deploymentMode": "Standard"}
     predictor = isvc["spec"]["predictor"]
     assert predictor["nodeSelector"] and predictor["tolerations"]
-    serve = predictor["containers"][0]
-    assert serve["args"][:3] == ["serve", "--model", "models:/lingbot-va-reach-v3@champion"]
+    # predictor.model of format lingbot-va, run by the ServingRuntime of the same file (protocol v2: its protocols)
+    serve = predictor["model"]
+    runtime = find(docs, "ServingRuntime")
+    assert "containers" not in predictor and serve["modelFormat"] == {"name": "lingbot-va"}
+    assert runtime["spec"]["supportedModelFormats"] == [{"name": "lingbot-va", "autoSelect": True}]
+    assert serve["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert serve["args"][:2] == ["--model", "models:/lingbot-va-reach-v3@champion"]
     assert serve["resources"] == {"requests": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
                                   "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}}
-    # KServe's canary rules: a model location on the stable predictor (a custom container's STORAGE_URI: the
-    # champion version's pyfunc descriptor over MLflow's artifact proxy), no maxReplicas on the canary
-    env = {e["name"]: e.get("value") for e in serve["env"]}
-    assert env["STORAGE_URI"] == ("http://mlflow.lingbot.svc.cluster.local:5000/model-versions/get-artifact"
-                                  "?name=lingbot-va-reach-v3&version=sample&path=python_model.pkl")  # {{=jsonpath(...)}}
+    # KServe's canary rules: a model location on the stable predictor (the champion version's pyfunc descriptor
+    # over MLflow's artifact proxy, fetched by the storage initializer), no maxReplicas on the canary
+    assert serve["storageUri"] == ("http://mlflow.lingbot.svc.cluster.local:5000/model-versions/get-artifact"
+                                   "?name=lingbot-va-reach-v3&version=sample&path=python_model.pkl")  # {{=jsonpath}}
     assert predictor["minReplicas"] == predictor["maxReplicas"] == 1
     [canary] = isvc["spec"]["canary"]
     assert canary["trafficPercent"] == 10 and canary["predictor"]["name"] == "canary"
@@ -144,6 +150,15 @@ def test_settings_scale_the_jobs():
     assert job["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2 and job["nprocPerNode"] == "4"
     isvc = embedded(docs, "deploy")["spec"]
     assert isvc["canary"][0]["trafficPercent"] == 0  # a dark canary: deployed, no traffic
-    serve = isvc["predictor"]["containers"][0]
+    serve = isvc["predictor"]["model"]
     assert "nvidia.com/gpu" not in serve["resources"]["requests"] and "nvidia.com/gpu" not in serve["resources"]["limits"]
-    assert serve["args"][serve["args"].index("--device") + 1] == "cpu"
+    assert {e["name"]: e.get("value") for e in serve["env"]}["LINGBOT_SERVE_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("url", ["https://minio/lingbot-data/dvc", "s3://Lingbot_Data/dvc", "lingbot-data/dvc"])
+def test_dvc_remote_must_be_an_s3_bucket(url):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must be s3://<bucket>"):
+        default_settings(dvc_remote_url=url)
+    assert default_settings(dvc_remote_url="s3://lingbot-data/dvc/").data_bucket == "lingbot-data"

@@ -54,7 +54,7 @@ def _job():
 SUBJECTS = {  # name -> the clean documents a planted error goes into
     "pytorchjob": lambda: [embedded(_posttrain(), "train")],
     "elastic-pytorchjob": lambda: [embedded(_pretrain(), "train")],
-    "isvc": lambda: [embedded(_posttrain(), "deploy")],
+    "isvc": lambda: [embedded(_posttrain(), "deploy"), find(_posttrain(), "ServingRuntime")],  # applied together
     "posttrain": _posttrain,
     "pretrain": _pretrain,
     "configmap": lambda: [_configmap()],
@@ -80,20 +80,29 @@ def _canary(docs):
     return docs[0]["spec"]["canary"][0]["predictor"]
 
 
-def _serve_env(docs):
-    return _predictor(docs)["containers"][0]["env"]
+def _model(docs):
+    return _predictor(docs)["model"]
 
 
-def _drop_storage_uri(docs):
-    env = _serve_env(docs)
-    assert any(e["name"] == STORAGE_URI_ENV for e in env)
-    env[:] = [e for e in env if e["name"] != STORAGE_URI_ENV]
+def _runtime(docs):
+    return docs[1]
 
 
-def _set_storage_uri(uri):
+def _runtime_container(docs):
+    return _runtime(docs)["spec"]["containers"][0]
+
+
+def _format(docs):
+    return _runtime(docs)["spec"]["supportedModelFormats"][0]
+
+
+def _second_runtime(**format_fields):
     def mutate(docs):
-        (var,) = [e for e in _serve_env(docs) if e["name"] == STORAGE_URI_ENV]
-        var["value"] = uri
+        other = copy.deepcopy(_runtime(docs))
+        other["metadata"]["name"] = "lingbot-va-b"
+        for runtime in (_runtime(docs), other):
+            runtime["spec"]["supportedModelFormats"][0].update(format_fields)
+        docs.append(other)
     return mutate
 
 
@@ -189,10 +198,13 @@ PLANTED = [
     pytest.param("isvc", _set(lambda d: d[0]["metadata"], "name", "lingbot.va"), "not a DNS-1035 label",
                  id="isvc-bad-dns1035-name", marks=CR),
     # KServe >= 0.20 validateCanarySpecs (and what it calls)
-    pytest.param("isvc", _drop_storage_uri, "a canary requires a stable predictor with a model",
+    pytest.param("isvc", _pop(_predictor, "model"), "a canary requires a stable predictor with a model",
                  id="isvc-canary-stable-without-model", marks=CR),
-    pytest.param("isvc", _set_storage_uri("models:/lingbot-va-reach-v3@champion"), "has no supported prefix",
+    pytest.param("isvc", _set(_model, "storageUri", "mlflow://lingbot-va-reach-v3/3"),
+                 "spec.predictor: storage URI 'mlflow://lingbot-va-reach-v3/3' has no supported prefix",
                  id="isvc-storage-uri-unsupported-scheme", marks=CR),
+    pytest.param("isvc", _set(_model, "storageUri", "models:/lingbot-va-reach-v3@champion"), None,
+                 id="isvc-storage-uri-without-scheme-is-a-local-path", marks=CR),
     pytest.param("isvc", _set(_canary, "maxReplicas", 1), "canary[0].predictor.maxReplicas: not allowed on a canary",
                  id="isvc-canary-max-replicas", marks=CR),
     pytest.param("isvc", _set(_canary, "scaleTarget", 80), "canary[0].predictor.scaleTarget: autoscaling fields",
@@ -205,11 +217,72 @@ PLANTED = [
                  id="isvc-canary-named-like-stable", marks=CR),
     pytest.param("isvc", _duplicate_canary, "canary[1].predictor.name: 'canary' is not unique",
                  id="isvc-canary-duplicate-name", marks=CR),
-    pytest.param("isvc", _set(_canary, "model", {"modelFormat": {"name": "lingbot-va"}, "storageUri": "s3://b/m"}),
-                 "exactly one implementation", id="isvc-canary-model-and-container", marks=CR),
-    pytest.param("isvc", _pop(_canary, "containers"), "exactly one implementation (a framework, model, or the "
+    pytest.param("isvc", _set(_canary, "containers", [{"name": "kserve-container", "image": "x"}]),
+                 "canary[0].predictor: exactly one implementation", id="isvc-canary-model-and-container", marks=CR),
+    pytest.param("isvc", _pop(_canary, "model"), "exactly one implementation (a framework, model, or the "
                  "'kserve-container' container) must be specified, got none", id="isvc-canary-without-implementation",
                  marks=CR),
+    pytest.param("isvc", lambda d: _canary(d).update(model=None, containers=[{"name": "kserve-container", "image": "x"}]),
+                 "a canary must use the stable predictor's kind of implementation", id="isvc-canary-merged-two-kinds",
+                 marks=CR),
+    # predictor.model: KServe's webhook (validatePredictor, validateExactlyOneImplementation, blocked env) and its
+    # controller's runtime selection (reconcileModel, GetSupportingRuntimes, MergeServingRuntimeAndInferenceServiceSpecs)
+    pytest.param("isvc", _set(_model, "name", "server"), "spec.predictor.model.name: not allowed",
+                 id="isvc-model-with-name", marks=CR),
+    pytest.param("isvc", _set(_predictor, "containers", [{"name": "kserve-container", "image": "x"}]),
+                 "spec.predictor: exactly one implementation", id="isvc-model-and-container", marks=CR),
+    pytest.param("isvc", lambda d: _model(d)["env"].append({"name": "PYTHONPATH", "value": "/x"}),
+                 "setting PYTHONPATH in container 'predictor.model' is not allowed", id="isvc-model-blocked-env", marks=CR),
+    pytest.param("isvc", lambda d: d.pop(1), "spec.predictor.model: no ServingRuntime or ClusterServingRuntime among "
+                 "the objects applied with it auto-selects model format {'name': 'lingbot-va'}",
+                 id="isvc-model-without-runtime", marks=CR),
+    pytest.param("isvc", _set(_format, "autoSelect", False), "auto-selects model format",
+                 id="isvc-model-runtime-not-auto-selected", marks=CR),
+    pytest.param("isvc", _set(lambda d: _model(d)["modelFormat"], "name", "onnx"), "auto-selects model format "
+                 "{'name': 'onnx'}", id="isvc-model-format-nobody-serves", marks=CR),
+    pytest.param("isvc", _set(lambda d: _model(d)["modelFormat"], "version", "2"), "auto-selects model format",
+                 id="isvc-model-version-nobody-serves", marks=CR),
+    pytest.param("isvc", _pop(_model, "protocolVersion"), "not protocol 'v1'; without protocolVersion KServe "
+                 "assumes v1", id="isvc-model-default-protocol-v1", marks=CR),
+    pytest.param("isvc", _set(lambda d: _runtime(d)["spec"], "disabled", True), "auto-selects model format",
+                 id="isvc-model-runtime-disabled", marks=CR),
+    pytest.param("isvc", _set(lambda d: _runtime(d)["metadata"], "namespace", "elsewhere"),
+                 "auto-selects model format", id="isvc-model-runtime-in-another-namespace", marks=CR),
+    pytest.param("isvc", _set(_model, "runtime", "triton"), "spec.predictor.model.runtime: no ServingRuntime or "
+                 "ClusterServingRuntime 'triton'", id="isvc-model-named-runtime-missing", marks=CR),
+    pytest.param("isvc", lambda d: _model(d).update(runtime="lingbot-va", modelFormat={"name": "onnx"}),
+                 "ServingRuntime/lingbot-va does not support {'name': 'onnx'}", id="isvc-model-named-runtime-other-format",
+                 marks=CR),
+    pytest.param("isvc", lambda d: _model(d).update(runtime="lingbot-va", protocolVersion="v1"),
+                 "ServingRuntime/lingbot-va does not support 'v1'", id="isvc-model-named-runtime-other-protocol",
+                 marks=CR),
+    pytest.param("isvc", _set(_runtime_container, "name", "server"), "has no container 'kserve-container' for the model",
+                 id="isvc-model-runtime-without-kserve-container", marks=CR),
+    # ServingRuntime: its CRD (strict) and KServe's ServingRuntime webhook
+    pytest.param("isvc", _set(lambda d: _runtime(d)["spec"], "supportedModelFormat", []),
+                 "('supportedModelFormat' was unexpected)", id="runtime-unknown-field", marks=CR),
+    pytest.param("isvc", _set(_format, "autoSelect", "yes"), "'yes' is not of type 'boolean'",
+                 id="runtime-wrong-type", marks=CR),
+    pytest.param("isvc", _set(_format, "priority", 0), "0 is less than the minimum of 1",
+                 id="runtime-priority-below-one", marks=CR),
+    pytest.param("isvc", _set(_runtime_container, "name", "server"),
+                 "ServingRuntime/lingbot-va: spec.containers: no container named 'kserve-container'",
+                 id="runtime-without-kserve-container", marks=CR),
+    pytest.param("isvc", lambda d: _runtime(d)["spec"].update(containers=[]), "spec.containers: required",
+                 id="runtime-without-containers", marks=CR),
+    pytest.param("isvc", lambda d: _runtime(d)["spec"]["protocolVersions"].append("v3"),
+                 "'v3' is not one of KServe's protocols", id="runtime-unknown-protocol", marks=CR),
+    pytest.param("isvc", lambda d: _runtime_container(d)["env"].append({"name": "PYTHONPATH", "value": "/x"}),
+                 "ServingRuntime/lingbot-va: spec: setting PYTHONPATH", id="runtime-blocked-env", marks=CR),
+    pytest.param("isvc", lambda d: (_format(d).update(priority=1), _runtime(d)["spec"]["supportedModelFormats"].append(
+                 {"name": "lingbot-va", "version": "1", "autoSelect": True, "priority": 2})),
+                 "different priorities assigned for the model format 'lingbot-va'", id="runtime-format-two-priorities",
+                 marks=CR),
+    pytest.param("isvc", _second_runtime(priority=1), "same priority 1 assigned for the model format 'lingbot-va' as "
+                 "in ServingRuntime/lingbot-va-b", id="runtime-priority-clash", marks=CR),
+    pytest.param("isvc", _set(lambda d: _runtime(d)["spec"], "workerSpec", {"containers": [
+                 {"name": "worker-container", "image": "x"}, {"name": "b", "image": "x"}]}),
+                 "multiple containers in workerSpec", id="runtime-worker-two-containers", marks=CR),
     # built-in kinds: strict Kubernetes OpenAPI schemas
     pytest.param("configmap", _set(lambda d: d[0], "date", {"a": "b"}), "('date' was unexpected)",
                  id="configmap-unknown-field"),
@@ -286,7 +359,8 @@ def test_rendered_manifests_are_valid(path):
 def test_crd_schemas_are_strict_except_where_fields_are_preserved():
     schemas = load_crd_schemas(CRDS)
     assert {("kubeflow.org/v1", "PyTorchJob"), ("serving.kserve.io/v1beta1", "InferenceService"),
-            ("argoproj.io/v1alpha1", "Workflow"), ("argoproj.io/v1alpha1", "WorkflowTemplate")} <= set(schemas)
+            ("argoproj.io/v1alpha1", "Workflow"), ("argoproj.io/v1alpha1", "WorkflowTemplate"),
+            ("serving.kserve.io/v1alpha1", "ServingRuntime")} <= set(schemas)  # the last: pipelines/cluster/crds
     assert schemas[("kubeflow.org/v1", "PyTorchJob")]["properties"]["spec"]["additionalProperties"] is False
     # an Argo step's withItems is x-kubernetes-preserve-unknown-fields: any items, no false positive
     docs = copy.deepcopy(_posttrain())
@@ -372,4 +446,6 @@ def test_admission_accepts_a_canary_of_a_stable_model(predictor):
     doc = {"kind": "InferenceService", "metadata": {"name": "svc", "annotations": {
         DEPLOYMENT_MODE_ANNOTATION: "Standard"}}, "spec": {"predictor": {"minReplicas": 2, **predictor}, "canary": [
             {"trafficPercent": 10, "predictor": {"name": "canary", "minReplicas": 2, **copy.deepcopy(predictor)}}]}}
-    assert admission_problems(doc) == []
+    runtime = {"kind": "ServingRuntime", "metadata": {"name": "lingbot-va"}, "spec": {
+        "supportedModelFormats": [{"name": "lingbot-va"}], "containers": [{"name": "kserve-container", "image": "x"}]}}
+    assert admission_problems(doc, context=[doc, runtime]) == []
