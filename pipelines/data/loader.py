@@ -90,12 +90,19 @@ class PackedWindows(torch.utils.data.IterableDataset):
         seed: int = 0,
         tasks: list[str] | None = None,
         max_per_task: int | None = None,
+        episode_start_prob: float = 0.5,
     ):
+        """``episode_start_prob``: probability that a window starts at its episode's first frame. Every rollout
+        predicts its first chunk from a lone first frame (a latent that encodes one frame, not four), which uniform
+        window starts would show in only ~1 of (num_frames - window + 1) windows."""
+        if not 0.0 <= episode_start_prob <= 1.0:
+            raise ValueError(f"episode_start_prob must be in [0, 1], got {episode_start_prob}")
         if token_budget <= 0 or rows < 1 or chunks_per_window < 1 or not chunk_sizes or min(chunk_sizes) < 1:
             raise ValueError("token_budget, rows, chunks_per_window and chunk_sizes must be positive")
         self.data = LatentEpisodes(latents_dir, split, tasks, max_per_task)
         self.chunk_sizes, self.chunks_per_window = tuple(chunk_sizes), chunks_per_window
         self.token_budget, self.rows, self.fdm, self.seed = token_budget, rows, fdm, seed
+        self.episode_start_prob = episode_start_prob
         hw = {tuple(e["latent_hw"]) for e in self.data.episodes}
         if len(hw) != 1:
             raise ValueError(f"episodes have different latent sizes {sorted(hw)}; encode them with one camera setup")
@@ -122,7 +129,8 @@ class PackedWindows(torch.utils.data.IterableDataset):
         if chunks == 0:
             return None
         frames = 1 + chunks * K
-        return i, int(rng.integers(n - frames + 1)), frames
+        start = 0 if rng.random() < self.episode_start_prob else int(rng.integers(n - frames + 1))
+        return i, start, frames
 
     def batch_tokens(self, batch: dict) -> int:
         """Tokens the model processes for a batch (for tokens/s)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipelines.data.embodiments import get_adapter
-from pipelines.data.lerobot import LeRobotDataset
+from pipelines.data.lerobot import CAMERA_PREFIX, LeRobotDataset
 from pipelines.data.metaworld_collect import DEFAULT_CAMERAS, EMBODIMENT, dataset_name
 from pipelines.evaluate.policy import Plan
 
@@ -31,8 +31,9 @@ class ReplayPolicy:
         self.image_size = image_size
         if image_size is None:  # render what the demos were recorded at (only the rollout videos use the frames)
             first = next(iter(sorted(self.episodes_dir.glob("metaworld-*"))), None)
-            if first is not None:
-                self.image_size = int(LeRobotDataset(first).episode(0).frames[self.cameras[0]].shape[1])
+            if first is not None:  # the camera feature's shape in meta/info.json: (H, W, 3)
+                feature = LeRobotDataset(first).features.get(CAMERA_PREFIX + self.cameras[0], {})
+                self.image_size = int(feature["shape"][0]) if feature.get("shape") else None
 
     @property
     def tasks(self) -> list[str]:

@@ -23,6 +23,8 @@ _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_*
     "precision": (str, "auto | fp32 | bf16"),
     "checkpoint_every": (int, "checkpoint interval"),
     "val_every": (int, "validation interval"),
+    "episode_start_prob": (float, "probability that a window starts at its episode's first frame"),
+    "snapshot_every": (int, "also write a model directory every N steps (learning curves)"),
     "seed": (int, "seed"),
     "demos": (int, "train on the first N demos of each task (e.g. 10)"),
     "objective": (str, "world_model (default) | reactive (the baseline)"),

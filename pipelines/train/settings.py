@@ -54,9 +54,15 @@ class TrainSettings(BaseSettings):
     demos: int | None = Field(None, ge=1, description="train on the first N demos of each task (low-data runs)")
     objective: Literal["world_model", "reactive"] = Field(
         "world_model", description="world_model (the paper) or reactive (the baseline: actions from observations only)")
+    episode_start_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability that a training window starts at its episode's first frame "
+                                         "(where every rollout starts)")
     checkpoint_every: int = Field(100, ge=1, description="DeepSpeed checkpoint interval (steps)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
     val_every: int = Field(100, ge=1, description="validation interval (steps)")
+    snapshot_every: int | None = Field(
+        None, ge=1, description="also write a model directory every N steps (<run>/snapshots/stepNNNNNNN), "
+                                "for learning curves (bench/learning_curve.py)")
     val_batches: int = Field(4, ge=1, description="validation micro-batches (fixed, so losses are comparable)")
     log_every: int = Field(1, ge=1, description="metrics interval (steps)")
     seed: int = Field(0, description="model init, data sampling and noise")

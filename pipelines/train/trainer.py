@@ -116,10 +116,12 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
     tasks = [settings.task] if settings.stage == "posttrain" else None
     fdm = settings.fdm_loss_weight > 0
     loader = PackedWindows(settings.latents, "train", token_budget=settings.token_budget, rows=settings.rows, fdm=fdm,
-                           seed=settings.seed, tasks=tasks, max_per_task=settings.demos)
+                           seed=settings.seed, tasks=tasks, max_per_task=settings.demos,
+                           episode_start_prob=settings.episode_start_prob)
     try:
         val_loader = PackedWindows(settings.latents, "val", token_budget=settings.token_budget, rows=settings.rows,
-                                   fdm=fdm, seed=settings.seed, tasks=tasks)
+                                   fdm=fdm, seed=settings.seed, tasks=tasks,
+                                   episode_start_prob=settings.episode_start_prob)
     except ValueError:
         val_loader = None
     model = _build_model(settings, index)
@@ -177,6 +179,8 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
             strip = _predict_val_chunk(engine.module, val_loader)  # every rank: ZeRO-3 forwards are collective
             if tracker and strip is not None:
                 tracker.log_prediction_strip(*strip, step)
+        if settings.snapshot_every and step % settings.snapshot_every == 0 and step < settings.steps:
+            _save_final(engine, settings, index, None, out=settings.output / "snapshots" / f"step{step:07d}")
         if step % settings.checkpoint_every == 0 or step == stop_at:
             _save_checkpoint(engine, ckpt_dir, step, rng, gen, tracker, settings.keep_checkpoints)
     bar.close()
@@ -217,14 +221,14 @@ def _save_checkpoint(engine, ckpt_dir: Path, step: int, rng, gen, tracker, keep:
         dist.barrier()
 
 
-def _save_final(engine, settings: TrainSettings, index: dict, tracker) -> Path:
-    """Consolidate (ZeRO-3 gathers the shards) and write the model directory on rank 0."""
+def _save_final(engine, settings: TrainSettings, index: dict, tracker, out: Path | None = None) -> Path:
+    """Consolidate (ZeRO-3 gathers the shards) and write the model directory (default ``<run>/model``) on rank 0."""
     import deepspeed
 
     from pipelines.train.tracking import encoder_files, model_metadata
 
     model: LingBotVA = engine.module
-    out = settings.output / "model"
+    out = out or settings.output / "model"
     params = list(model.parameters())
     zero3 = settings.zero_stage == 3
     ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else contextlib.nullcontext()

@@ -34,7 +34,7 @@ def project(tmp_path_factory):
     params["prepare"]["preset"] = params["encode"]["preset"] = params["pretrain"]["preset"] = "tiny"
     params["vae"].update(dims="8,16,16", steps=2, batch=2, max_episodes=3)
     params["pretrain"].update(steps=2, nproc=1, warmup_steps=0)
-    params["posttrain"].update(tasks=["reach-v3"], steps=2, nproc=1)
+    params["posttrain"].update(tasks=["reach-v3"], steps=2, nproc=1, warmup_steps=0)
     params["evaluate"].update(episodes=1, workers=1, max_steps=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",

@@ -88,3 +88,17 @@ def test_max_per_task_keeps_the_first_demos_of_each_task(latents_dir):
     assert by_task == {"small-set": [1], "large-set": [1, 2, 3]}
     with pytest.raises(ValueError, match="max_per_task"):
         LatentEpisodes(latents_dir, "train", max_per_task=0)
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
+def test_episode_start_windows(latents_dir, prob):
+    """Rollouts always start from an episode's first frame: a share ``episode_start_prob`` of windows start there."""
+    loader = PackedWindows(latents_dir, "train", token_budget=10_000, rows=1, chunk_sizes=(1,), chunks_per_window=2,
+                           episode_start_prob=prob)
+    rng = np.random.default_rng(3)
+    starts = np.array([loader._window(rng, 1, 10_000)[1] for _ in range(2000)])
+    # uniform starts alone hit frame 0 in 1 of 7 (small-set, 9 frames) or 11 (large-set, 13 frames) windows
+    uniform = 0.5 / 7 + 0.5 / 11
+    assert abs((starts == 0).mean() - (prob + (1 - prob) * uniform)) < 0.03
+    with pytest.raises(ValueError, match="episode_start_prob"):
+        PackedWindows(latents_dir, episode_start_prob=1.5)

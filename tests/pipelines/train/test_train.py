@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from pipelines.cli import main
 from pipelines.data.synthetic import write_synthetic_lerobot
@@ -50,7 +51,8 @@ def metric_history(data: Path, run_id: str, key: str) -> list[float]:
 @pytest.mark.parametrize("zero", [2, 3], ids=["zero2", "zero3"])
 def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
     run = f"zero{zero}"
-    cli(*train_args(data, run, "--steps", "8", "--zero-stage", str(zero), "--no-register"), nproc=2)
+    cli(*train_args(data, run, "--steps", "8", "--zero-stage", str(zero), "--snapshot-every", "4", "--no-register"),
+        nproc=2)
     out = data / "runs" / run
     digests = {p.read_text() for p in out.glob("param_digest.rank*.txt")}
     assert len(list(out.glob("param_digest.rank*.txt"))) == 2 and len(digests) == 1
@@ -70,6 +72,14 @@ def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
     assert text and all(t.shape[-1] == 32 for t in text.values())
     observation = json.loads((model_dir / "config.json").read_text())["action_space"]["observation"]
     assert observation["latent_hw"] and observation["cameras"]
+    # --snapshot-every: a complete model directory at step 4 (learning curves), distinct from the final one
+    snapshots = sorted(p.name for p in (out / "snapshots").iterdir())
+    assert snapshots == ["step0000004"]
+    from model.lingbot_va import LingBotVA
+
+    early, final = (LingBotVA.from_pretrained(d) for d in (out / "snapshots" / "step0000004", model_dir))
+    assert (out / "snapshots" / "step0000004" / "vae").is_dir()
+    assert any(not torch.equal(a, b) for a, b in zip(early.parameters(), final.parameters(), strict=True))
 
 
 def test_kill_and_resume_continues_the_same_run(data):
