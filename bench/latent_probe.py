@@ -26,11 +26,11 @@ LAMBDAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def encode_split(vae, refs, episodes_dir: Path) -> list[dict]:
-    from pipelines.data.encode import _episode_frames
+    from pipelines.data.encode import episode_frames
 
     out, datasets = [], {}
     for ref in refs:
-        ep, _, _, frames = _episode_frames(ref, episodes_dir, datasets)
+        ep, _, _, frames = episode_frames(ref, episodes_dir, datasets)
         z = vae.encode(torch.from_numpy(frames))[0]  # (F, C, h, w) standardised
         state = np.asarray(ep.state, np.float64)
         idx = np.minimum(np.arange(z.shape[0]) * 4, len(state) - 1)

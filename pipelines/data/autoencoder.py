@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines.data.encode import _episode_frames, list_episodes
+from pipelines.data.encode import episode_frames, list_episodes
 
 TAU = 4  # the Wan VAE's temporal compression: clips are 1 + 4k frames
 
@@ -78,7 +78,7 @@ class FramePool:
             refs = refs[:: max(1, len(refs) // max_episodes)][:max_episodes]
         datasets: dict = {}
         # the encode step's own frame reader: the same camera order and 1 + 4k cut as the latents get
-        self.episodes = [_episode_frames(ref, episodes_dir, datasets)[3][0] for ref in refs]  # (T, V, H, W, 3) each
+        self.episodes = [episode_frames(ref, episodes_dir, datasets)[3][0] for ref in refs]  # (T, V, H, W, 3) each
         shapes = {e.shape[1:] for e in self.episodes}
         if len(shapes) != 1:
             raise ValueError(f"episodes have different camera layouts {sorted(shapes)}; train one VAE per layout")

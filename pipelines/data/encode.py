@@ -102,7 +102,7 @@ def encode(
         _save_vae(vae, latents_dir / VAE_DIR)
     writer = ShardWriter(latents_dir, rank, shard_episodes)
     for ref in tqdm(mine, desc=f"encode[rank {rank}]", disable=not progress or None):
-        ep, adapter, cams, frames = _episode_frames(ref, episodes_dir, datasets)
+        ep, adapter, cams, frames = episode_frames(ref, episodes_dir, datasets)
         T = frames.shape[1]
         latents = vae.encode(torch.from_numpy(frames))[0]  # (F, C, h, w)
         unified = adapter.to_unified(ep.actions, ep.state)[: T - 1]
@@ -117,8 +117,11 @@ def encode(
     return _merge(latents_dir, refs, world, stats, feature_repo, {"vae": vae_spec or {}})
 
 
-def _episode_frames(ref: EpisodeRef, episodes_dir: Path, datasets: dict):
-    """(episode, adapter, camera keys, frames (1, T, V, H, W, 3) uint8 cut to 1 + 4k) of one episode."""
+def episode_frames(ref: EpisodeRef, episodes_dir: Path, datasets: dict):
+    """(episode, adapter, camera keys, frames (1, T, V, H, W, 3) uint8 cut to 1 + 4k) of one episode.
+
+    The frame reader of every consumer of the latents' frames (encode, train-vae, bench/latent_probe.py), so they all
+    see the same camera order and cut; ``datasets`` caches the opened datasets by name across calls."""
     ds = datasets.get(ref.dataset) or datasets.setdefault(ref.dataset, LeRobotDataset(episodes_dir / ref.dataset))
     ep = ds.episode(ref.episode_index)
     adapter = get_adapter(ep.embodiment)
@@ -136,7 +139,7 @@ def fit_latent_stats(vae, refs: list[EpisodeRef], episodes_dir: Path, datasets: 
     picked = refs[:: max(1, len(refs) // max_episodes)][:max_episodes]
     total, sq, n = 0.0, 0.0, 0
     for ref in picked:
-        z = vae.raw_latents(torch.from_numpy(_episode_frames(ref, episodes_dir, datasets)[3]))[0].double()  # (F, C, h, w)
+        z = vae.raw_latents(torch.from_numpy(episode_frames(ref, episodes_dir, datasets)[3]))[0].double()  # (F, C, h, w)
         total = total + z.sum((0, 2, 3))
         sq = sq + (z * z).sum((0, 2, 3))
         n += z.shape[0] * z.shape[2] * z.shape[3]
