@@ -110,10 +110,14 @@ def _text_encoder(path: Path | None, preset: str):
     from model import get_preset
     from model.encoders import TextEncoder
 
-    if path is not None:
-        return TextEncoder.from_pretrained(path)
     width = get_preset(preset).text_dim
-    return TextEncoder.small(width=width, heads=4, seed=0)
+    if path is None:
+        return TextEncoder.small(width=width, heads=4, seed=0)
+    encoder = TextEncoder.from_pretrained(path)
+    if encoder.width != width:  # found now rather than by the training run, after the whole encode step
+        raise ValueError(f"--text-encoder {path} embeds at width {encoder.width}, preset {preset!r} reads width "
+                         f"{width}: prepare for the preset of the model these embeddings feed")
+    return encoder
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -150,8 +154,11 @@ def encode(args: argparse.Namespace) -> int:
     from pipelines.data.encode import encode as do_encode
     from pipelines.data.features import FeatureRepo
 
-    vae = VideoVAE.from_pretrained(args.vae) if args.vae else VideoVAE.small(
-        latent_channels=get_preset(args.preset).latent_channels, seed=0)
+    channels = get_preset(args.preset).latent_channels
+    vae = VideoVAE.from_pretrained(args.vae) if args.vae else VideoVAE.small(latent_channels=channels, seed=0)
+    if vae.latent_channels != channels:  # found now rather than by the training run, after the whole encode step
+        raise ValueError(f"--vae {args.vae} makes {vae.latent_channels} latent channels, preset {args.preset!r} "
+                         f"reads {channels}: encode for the preset of the model these latents feed")
     summary = do_encode(args.episodes_dir, args.prepared_dir, args.out, vae=vae,
                         feature_repo=FeatureRepo(data_dir=args.feast_dir), shard_episodes=args.shard_episodes,
                         vae_spec={"path": str(args.vae) if args.vae else None, "seed": 0})

@@ -8,7 +8,7 @@ from pathlib import Path
 _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_* env vars, then defaults
     "preset": (str, "model preset"),
     "task": (str, "post-training task"),
-    "init_from": (Path, "model directory to start from (post-training)"),
+    "init_from": (str, "model directory or models:/<name>@<alias> to start from (post-training)"),
     "data_dir": (Path, "data root (latents, feast, runs, mlflow)"),
     "latents_dir": (Path, "encoded latents"),
     "run_dir": (Path, "checkpoints + final model"),

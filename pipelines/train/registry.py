@@ -34,6 +34,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -358,9 +359,18 @@ def resolve_model(model: str | Path, data_dir: Path) -> tuple[Path, str | None, 
         raise ValueError(f"{text}: no such registered model version ({err.message.splitlines()[0]})") from None
     target = Path(data_dir).resolve() / "mlflow" / "models" / f"{name}-v{mv.version}"
     if not (target / "done").is_file():
-        shutil.rmtree(target, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
-        (target / "done").write_text(str(mv.version))
+        # downloaded beside the target and moved in place: processes sharing the data dir (post-training tasks run
+        # in parallel on one volume) never see, nor write into, a half-downloaded version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(staging))
+        (staging / "done").write_text(str(mv.version))
+        if target.is_dir() and not (target / "done").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted download of an older release
+        try:
+            staging.rename(target)
+        except OSError:  # another process moved its copy in first
+            shutil.rmtree(staging, ignore_errors=True)
     dirs = [p.parent for p in target.glob("artifacts/*/config.json")]
     if len(dirs) != 1:
         raise ValueError(f"{text} (version {mv.version}) holds {len(dirs)} model directories, expected one")

@@ -53,9 +53,29 @@ def _all_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def init_model_dir(settings: TrainSettings) -> Path:
+    """The model directory ``settings.init_from`` names. A registry URI (the cluster's pretrained
+    ``models:/lingbot-va-base@challenger``) is downloaded by rank 0 under the data dir, which every rank must see (one
+    machine, or the cluster's shared workspace volume); the others take the same version's directory from it."""
+    source = str(settings.init_from)
+    if not source.startswith("models:/"):
+        return Path(source)
+    import mlflow
+
+    from pipelines.train.registry import default_tracking_uri, resolve_model
+
+    found = [None]
+    if int(os.environ.get("RANK", 0)) == 0:
+        mlflow.set_tracking_uri(settings.tracking_uri or default_tracking_uri(settings.data_dir))
+        found[0] = str(resolve_model(source, settings.data_dir)[0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)  # one lookup: an alias moving meanwhile cannot split the ranks
+    return Path(found[0])
+
+
 def _build_model(settings: TrainSettings, index: dict) -> LingBotVA:
     if settings.init_from is not None:
-        model = LingBotVA.from_pretrained(settings.init_from)
+        model = LingBotVA.from_pretrained(init_model_dir(settings))
         model.config = model.config.replace(fdm_loss_weight=settings.fdm_loss_weight, objective=settings.objective)
     else:
         torch.manual_seed(settings.seed)

@@ -1,5 +1,6 @@
 """prepare -> encode -> loader on small LeRobot datasets, including torchrun with 2 ranks and bad-data quarantine."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -194,3 +195,26 @@ def test_model_directory_snapshots_the_features_it_trained_with(data, tmp_path):
     restored = load_snapshot(LingBotVA.from_pretrained(path).checkpoint_meta["normalization"])
     assert np.array_equal(restored["norm_stats"]["action_q99"], feats["norm_stats"]["action_q99"])
     assert np.array_equal(restored["embodiment"]["action_mask"], feats["embodiment"]["action_mask"])
+
+
+@pytest.mark.parametrize("step", ["prepare", "encode"])
+def test_encoders_whose_width_the_preset_cannot_read_are_refused_before_any_work(tmp_path, step, capsys):
+    """`--text-encoder` / `--vae` of another width than ``--preset`` (a cluster preset paper-5.3b reads umT5's 4096
+    and the Wan2.2 VAE's 48 channels): a clear error before any episode is read."""
+    from model.encoders import VideoVAE
+    from pipelines.cli import main
+
+    if step == "prepare":
+        TextEncoder.small(width=TINY.text_dim, heads=4).save_pretrained(tmp_path / "encoder")
+        flags, message = ["--text-encoder", str(tmp_path / "encoder")], f"embeds at width {TINY.text_dim}"
+    else:
+        VideoVAE.small(latent_channels=TINY.latent_channels).save_pretrained(tmp_path / "encoder")
+        flags, message = ["--vae", str(tmp_path / "encoder")], f"makes {TINY.latent_channels} latent channels"
+    argv = ["data", step, "--episodes-dir", str(tmp_path / "none"), "--preset", "small", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "preset 'small'" in err
+    argv[argv.index("small")] = "tiny"  # the encoders' own preset: past the check, on to the (missing) episodes
+    with contextlib.suppress(Exception):
+        main(argv)
+    assert message not in capsys.readouterr().err

@@ -31,6 +31,7 @@ from pipelines.train.registry import (
     log_and_register,
     parse_normalization,
     registered_name_for,
+    resolve_model,
 )
 
 NAME = "lingbot-va-test"
@@ -227,3 +228,36 @@ def test_log_and_register_needs_a_run(tmp_path):
         log_and_register(tmp_path / "m", registered_name=NAME)
     with pytest.raises(ValueError, match="not a LingBot-VA model directory"):
         log_and_register(tmp_path / "missing", registered_name=NAME)
+
+
+@pytest.mark.parametrize("uri", [f"models:/{NAME}@challenger", f"models:/{NAME}/1"], ids=["alias", "version"])
+def test_post_training_starts_from_a_registered_model(reg, uri):
+    """``--init-from models:/...`` (the cluster's post-training starts from the registered pretrained model): the
+    version is downloaded under the data dir and read from there; a directory is used as it is."""
+    from pipelines.train.settings import TrainSettings
+    from pipelines.train.trainer import init_model_dir
+
+    settings = TrainSettings(_env_file=None, stage="posttrain", task="reach-v3", init_from=uri,
+                             data_dir=reg.data_dir, tracking_uri=default_tracking_uri(reg.data_dir))
+    model_dir = init_model_dir(settings)
+    version = 2 if uri.endswith("@challenger") else 1
+    assert model_dir.parent == reg.data_dir.resolve() / "mlflow" / "models" / f"{NAME}-v{version}" / "artifacts"
+    assert LingBotVA.from_pretrained(model_dir).config == reg.config
+    local = TrainSettings(_env_file=None, stage="posttrain", task="reach-v3", init_from=str(reg.tmp / "m"))
+    assert init_model_dir(local) == reg.tmp / "m"
+    missing = settings.model_copy(update={"init_from": f"models:/{NAME}@champion"})
+    with pytest.raises(ValueError, match="no such registered model version"):
+        init_model_dir(missing)
+
+
+def test_a_registered_version_is_moved_into_place_whole(reg):
+    """resolve_model downloads beside the target and renames: no half-written version is ever visible (tasks
+    post-trained in parallel share one data dir), and a folder an interrupted download left is replaced."""
+    data_dir = reg.tmp / "resolve"
+    target = data_dir / "mlflow" / "models" / f"{NAME}-v1"
+    (target / "artifacts").mkdir(parents=True)  # interrupted: no `done`
+    model_dir, name, version = resolve_model(f"models:/{NAME}/1", data_dir)
+    assert (name, version) == (NAME, "1") and (target / "done").read_text() == "1"
+    assert model_dir.parent == target.resolve() / "artifacts" and (model_dir / "config.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [f"{NAME}-v1"]  # no staging folder left
+    assert resolve_model(f"models:/{NAME}/1", data_dir)[0] == model_dir  # found, not downloaded again
