@@ -35,11 +35,11 @@ def fake_episode(rng, task, length):
                    embodiment="metaworld-sawyer", fps=80, seed=0)
 
 
-def write_datasets(root: Path, n: int = 5) -> Path:
+def write_datasets(root: Path, n: int = 5, episodes_per_file: int | None = None) -> Path:
     rng = np.random.default_rng(0)
     for task in ("task-a", "task-b"):
         eps = [fake_episode(rng, task, 21 + 4 * i) for i in range(n)]
-        write_lerobot_dataset(root / f"sim-{task}", eps, robot_type="sawyer", fps=80)
+        write_lerobot_dataset(root / f"sim-{task}", eps, robot_type="sawyer", fps=80, episodes_per_file=episodes_per_file)
     return root
 
 
@@ -78,7 +78,7 @@ def test_prepare_fits_stats_on_train_only_and_publishes_features(data):
         split = json.loads((data / "prepared" / name / "split.json").read_text())
         ds = LeRobotDataset(data / "episodes" / name)
         for i in split["train"]:
-            t = pd.read_parquet(ds.data_file(i))
+            t = ds.frame_table(i).to_pandas()
             train_actions.append(adapter.to_unified(np.stack(t["action"]).astype(np.float32),
                                                     np.stack(t["observation.state"]).astype(np.float32)))
     assert np.allclose(norm.q99, np.quantile(np.concatenate(train_actions), 0.99, axis=0), atol=1e-5)
@@ -162,7 +162,8 @@ def _corrupt(kind: str, ds_root: Path, index: int) -> str:
 
 @pytest.mark.parametrize("kind", ["truncated-mp4", "missing-column", "nan-actions", "too-short"])
 def test_bad_episodes_are_quarantined_and_the_rest_proceeds(tmp_path, kind):
-    write_datasets(tmp_path / "episodes", n=3)
+    # one episode per file, so corrupting episode 1's files leaves the others intact
+    write_datasets(tmp_path / "episodes", n=3, episodes_per_file=1)
     ds_root = tmp_path / "episodes" / "sim-task-a"
     if kind != "too-short":
         _corrupt(kind, ds_root, 1)
@@ -170,14 +171,15 @@ def test_bad_episodes_are_quarantined_and_the_rest_proceeds(tmp_path, kind):
     else:
         shutil.rmtree(ds_root)
         rng = np.random.default_rng(1)
-        write_lerobot_dataset(ds_root, [fake_episode(rng, "task-a", n) for n in (25, 9, 29)], robot_type="sawyer", fps=80)
+        write_lerobot_dataset(ds_root, [fake_episode(rng, "task-a", n) for n in (25, 9, 29)], robot_type="sawyer", fps=80,
+                              episodes_per_file=1)
     summary = run_prepare(tmp_path)
     report = json.loads((tmp_path / "prepared" / "quarantine" / "report.json").read_text())
     assert [(r["dataset"], r["episode_index"]) for r in report] == [("sim-task-a", 1)]
     assert report[0]["reasons"]
     assert summary["datasets"]["sim-task-a"]["quarantined"] == 1
     assert summary["datasets"]["sim-task-b"]["quarantined"] == 0
-    assert any((tmp_path / "prepared" / "quarantine" / "sim-task-a").rglob("episode_000001.*"))
+    assert any((tmp_path / "prepared" / "quarantine" / "sim-task-a").rglob("file-001.*"))  # episode 1's files
     assert (ds_root / "meta" / "info.json").is_file()  # upstream untouched
 
 
