@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
 from pipelines.cli import main
 from pipelines.data.synthetic import write_synthetic_lerobot
+from pipelines.lineage import data_version
 
 REPO = Path(__file__).resolve().parents[3]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
@@ -193,12 +195,29 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_registered_model(data):
         assert client.list_artifacts(run.info.run_id, "validation")[0].path.endswith(".png")
         version = client.get_model_version_by_alias("lingbot-va-base", "challenger")
         model = mlflow.pyfunc.load_model("models:/lingbot-va-base@challenger")
-        index = json.loads((data / "latents" / "index.json").read_text())
-        import numpy as np
-
-        latents = np.zeros((1, index["latent_channels"], 2, 4), np.float32)
-        out = model.predict({"latents": latents.tolist(), "seed": 0})
-        assert int(version.version) >= 1 and out is not None
+        # the input example is a recorded observation: the first frames of a training episode
+        example = model.input_example
+        assert example["images"].dtype == np.uint8 and example["images"].std() > 0
+        out = model.predict(example)
+        assert int(version.version) >= 1 and out["actions"].shape[0] == 1 and np.isfinite(out["actions"]).all()
+        # lineage: the folders the run read, as dataset inputs whose digests are their DVC hashes
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["episodes", "latents", "prepared"]
+        for name, entry in inputs.items():
+            expected = data_version(data / name)
+            assert entry.dataset.digest == expected.md5 and expected.md5.endswith(".dir")
+            assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "training"
+            assert run.data.params[f"data.{name}"] == run.data.tags[f"dvc.{name}"] == expected.md5
+        assert run.data.params["data_version"] == inputs["latents"].dataset.digest
+        assert model.metadata.metadata["data"]["latents"] == inputs["latents"].dataset.digest
+        # the pipeline's runs share a parent, keyed by the latents' hash
+        parent = mlflow.get_run(run.data.tags["mlflow.parentRunId"])
+        assert parent.data.tags["pipeline.data_version"] == inputs["latents"].dataset.digest
+        # DVC's loss plot and the evaluate stage's input, in the run dir
+        loss = (data / "runs" / "tracked" / "loss.csv").read_text().splitlines()
+        assert loss[0].startswith("step,loss,") and [r.split(",")[0] for r in loss[1:]] == ["1", "2", "3"]
+        registered = json.loads((data / "runs" / "tracked" / "registered.json").read_text())
+        assert registered["model_uri"] == f"models:/lingbot-va-base/{version.version}"
     finally:
         mlflow.set_tracking_uri(None)
 
