@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fleet", help="run simulated Meta-World robots against a policy endpoint")
     p.add_argument("--endpoint", default=None, help="gRPC host:port or REST http://host:port "
                                                     "(default: LINGBOT_ROBOT_ENDPOINT or 127.0.0.1:8081)")
-    p.add_argument("--transport", choices=["grpc", "rest"], default=None)
+    p.add_argument("--transport", choices=["grpc", "rest"], default=None, help="KServe V2 over gRPC or REST")
     p.add_argument("--robots", type=int, default=None, help="robots, one process each")
     p.add_argument("--task", default=None, help="Meta-World task, e.g. reach-v3")
     p.add_argument("--episodes", type=int, default=None, help="episodes per robot")
