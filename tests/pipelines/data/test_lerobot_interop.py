@@ -60,6 +60,7 @@ def collected(tmp_path_factory) -> Path:
     return out / "episodes" / "metaworld-reach-v3"
 
 
+@pytest.mark.slow  # a Meta-World collection (~40 s on 2 cores) and lerobot's imports
 @pytest.mark.parametrize("backend", ["pyav", "torchcodec"])
 def test_collected_dataset_loads_in_lerobot(collected, tmp_path, backend):
     if backend == "torchcodec" and not torchcodec_loads(tmp_path):
