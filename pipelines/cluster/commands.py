@@ -1,5 +1,5 @@
-"""`lingbot render [--check] [--validate] [--print FILE] [--images]`: write the cluster manifests from typed objects and
-ClusterSettings."""
+"""`lingbot render [--check] [--validate] [--print FILE] [--images] [--robot-env TASK]`: write the cluster manifests
+from typed objects and ClusterSettings."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", action="store_true",
                    help="write nothing; print `<Dockerfile> <image>` of every image the manifests reference "
                         "(what `make images` builds)")
+    p.add_argument("--robot-env", metavar="TASK", default=None,
+                   help="write nothing; print the LINGBOT_ROBOT_* settings of a robot served by TASK's deployed "
+                        "endpoint (stable and canary Services, the share of episodes on the canary)")
     p.add_argument("--crds-dir", type=Path, default=None, help="CRD folder (default: ../shared/crds)")
     p.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root the files live under")
     p.set_defaults(func=render_command)
@@ -37,6 +40,15 @@ def render_command(args: argparse.Namespace) -> int:
         settings = ClusterSettings()
     except ValidationError as err:  # pydantic names the field; one line for the user
         raise ValueError(str(err).replace("\n", " ")) from None
+    if args.robot_env:
+        from pipelines.cluster.manifests import robot_env
+
+        if args.robot_env not in settings.tasks:
+            raise ValueError(f"--robot-env {args.robot_env}: not one of the deployed tasks {settings.tasks} "
+                             "(LINGBOT_CLUSTER_TASKS)")
+        for key, value in robot_env(settings, args.robot_env).items():
+            print(f"{key}={value}")
+        return 0
     if args.images:
         for dockerfile, image in image_builds(settings):
             print(dockerfile, image)

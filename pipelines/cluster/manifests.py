@@ -46,6 +46,9 @@ ROLLOUT_ANNOTATION = "platform.lingbot-va.io/rollout"
 """Pod annotation set to the deploying workflow's name on the canary: a new value restarts those pods."""
 HTTP_PORT = 8080  # kserve's default REST port, which Standard mode's Service targets
 GRPC_PORT = 8081  # kserve's default gRPC port: the robots' primary protocol
+CANARY = "canary"
+"""``predictor.name`` of the deploy step's canary: KServe names its Deployment and Service
+``lingbot-va-<task>-canary-predictor``."""
 MODEL_FORMAT = "lingbot-va"
 """``modelFormat.name`` of a LingBot-VA model directory: what the ``ServingRuntime`` supports (auto-selected)."""
 PROTOCOLS = ("v2", "grpc-v2")
@@ -292,12 +295,17 @@ def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: 
                       model_version: str) -> V1beta1InferenceService:
     """The task's policy endpoint on the edge GPU nodes, in KServe Standard mode, with a canary.
 
-    Standard mode ignores ``predictor.canaryTrafficPercent`` (a Knative feature); KServe >= 0.20 splits traffic in
-    Standard mode with ``spec.canary``: named extra Deployments with a ``trafficPercent`` each. The stable pods keep
-    the champion they loaded at start; the canary pods carry ``rollout`` (the deploying workflow's name) as a pod
-    annotation, so every deployment restarts them and they serve the new champion to ``canary_percent`` % of the
-    traffic. The stable pods take it when they next restart (``kubectl rollout restart
-    deployment/lingbot-va-<task>-predictor`` once the canary looks healthy).
+    Standard mode ignores ``predictor.canaryTrafficPercent`` (a Knative feature); KServe >= 0.20 runs ``spec.canary``
+    in Standard mode as named extra Deployments, each behind its own Service (``predictor_service``). The stable pods
+    keep the champion they loaded at start; the canary pods carry ``rollout`` (the deploying workflow's name) as a pod
+    annotation, so every deployment restarts them and they serve the new champion first. The stable pods take it
+    when they next restart (``kubectl rollout restart deployment/lingbot-va-<task>-predictor`` once the canary looks
+    healthy).
+
+    The robots split by episode, not by request: an episode's session (its KV cache) lives in one pod, so each robot
+    addresses both Services and sends ``canary_percent`` % of its episodes, whole, to the canary (``robot_env``;
+    ``services.robot_client.routing``). ``trafficPercent`` says the same share to KServe, whose own split (a weighted
+    Gateway API route in releases after 0.20.0) is per request: fine for stateless calls, not for robot sessions.
 
     KServe's webhook (``validateCanarySpecs``) wants a model on the stable predictor and no ``maxReplicas`` on a
     canary (canaries run ``minReplicas`` pods): both predictors are ``predictor.model`` of format ``MODEL_FORMAT``
@@ -308,10 +316,29 @@ def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: 
     stable = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name=None, replicas=s.serve_replicas,
                         max_replicas=s.serve_replicas, annotations=None,
                         storage_uri=model_storage_uri(mlflow_uri, task, model_version))
-    canary = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name="canary", replicas=1,
+    canary = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name=CANARY, replicas=1,
                         annotations={ROLLOUT_ANNOTATION: rollout})
     return _endpoint(s, task, V1beta1InferenceServiceSpec(
         predictor=stable, canary=[V1beta1CanarySpec(predictor=canary, traffic_percent=s.canary_percent)]))
+
+
+def predictor_service(task: str, predictor: str | None = None) -> str:
+    """The Service KServe's Standard mode makes for a predictor of the task's InferenceService ``lingbot-va-<task>``:
+    ``<isvc>-predictor`` for the stable one, ``<isvc>-<name>-predictor`` for the canary ``name`` (KServe's
+    ``PredictorServiceName``). Each selects only its own Deployment's pods; its ports are the container's, the first
+    (REST) on 80."""
+    return f"{registered_name(task)}-{predictor}-predictor" if predictor else f"{registered_name(task)}-predictor"
+
+
+def robot_env(s: ClusterSettings, task: str) -> dict[str, str]:
+    """``LINGBOT_ROBOT_*`` of a robot served by the task's deployed endpoint (``inference_service``): gRPC to the
+    stable and canary Services in the cluster's DNS, ``canary_percent`` % of the episodes on the canary. Robots
+    outside the cluster reach the same Services through whatever exposes them on the edge network."""
+    def address(predictor: str | None) -> str:
+        return f"{predictor_service(task, predictor)}.{s.namespace}.svc.cluster.local:{GRPC_PORT}"
+
+    return {"LINGBOT_ROBOT_ENDPOINT": address(None), "LINGBOT_ROBOT_TRANSPORT": "grpc",
+            "LINGBOT_ROBOT_CANARY_ENDPOINT": address(CANARY), "LINGBOT_ROBOT_CANARY_PERCENT": str(s.canary_percent)}
 
 
 def infra_policy(s: ClusterSettings) -> list[dict]:

@@ -110,8 +110,10 @@ class ClusterSettings(BaseSettings):
                                                            "lingbot-va) in the namespace; the chart's is <release>")
     serve_token_secret: str = Field("lingbot-va-policy-token", description="Secret whose key `token` is the bearer "
                                                                             "token robots send (LINGBOT_SERVE_TOKEN)")
-    canary_percent: int = Field(10, ge=0, le=100, description="traffic share of the canary pods, restarted by every "
-                                                           "deployment so they load the new champion (0: dark)")
+    canary_percent: int = Field(10, ge=0, le=100, description="share of the robots' episodes (robots split per "
+                                                           "episode; KServe's trafficPercent) on the canary pods, "
+                                                           "restarted by every deployment so they load the new "
+                                                           "champion (0: dark)")
 
     # pretraining (pipelines/pretrain.yaml)
     pretrain_steps: int = Field(100_000, ge=1, description="pretraining steps")

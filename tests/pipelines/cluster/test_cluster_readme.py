@@ -163,7 +163,7 @@ def check_lingbot(argv: list[str], env: dict[str, str], monkeypatch, tmp_path) -
         namespace, problems = parse_lingbot(argv)
         assert namespace is not None and not problems, problems
         return ""
-    writes = not {"--check", "--print", "--images"} & set(argv)
+    writes = not {"--check", "--print", "--images", "--robot-env"} & set(argv)
     code, out = _lingbot([*argv, "--root", str(tmp_path)] if writes else argv, env, monkeypatch, tmp_path)
     assert code == 0, out
     if writes:

@@ -239,6 +239,45 @@ def test_make_images_builds_what_the_manifests_reference(capsys, monkeypatch, tm
                       ["infra/docker/Dockerfile.cuda", "registry.example.internal/lingbot/lingbot-va-cuda:0.1.0"]]
 
 
+def test_robot_env_addresses_the_services_kserve_makes_for_the_deployed_endpoint(capsys, monkeypatch, tmp_path):
+    """`lingbot render --robot-env <task>`: the robots' LINGBOT_ROBOT_* point at the Services KServe's Standard mode
+    derives from the deploy step's InferenceService (``<isvc>-predictor`` and ``<isvc>-<canary>-predictor``, the
+    runtime's gRPC port kept as is) and send the canary's share of their episodes to it."""
+    from pipelines.cluster.settings import ClusterSettings
+    from services.robot_client.routing import CANARY, route_for
+    from services.robot_client.settings import RobotSettings
+
+    for key in [k for k in os.environ if k.startswith(("LINGBOT_CLUSTER_", "LINGBOT_ROBOT_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("LINGBOT_CLUSTER_TASKS", "reach-v3,push-v3")
+    monkeypatch.setenv("LINGBOT_CLUSTER_CANARY_PERCENT", "20")
+    assert main(["render", "--robot-env", "reach-v3"]) == 0
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    docs = render_documents(ClusterSettings())["pipelines/posttrain.yaml"]
+    isvc = embedded(docs, "deploy")  # the fan-out's first branch: reach-v3
+    name, namespace = isvc["metadata"]["name"], isvc["metadata"]["namespace"]
+    [canary] = isvc["spec"]["canary"]
+    [container] = find(docs, "ServingRuntime")["spec"]["containers"]
+    grpc = next(p["containerPort"] for p in container["ports"] if "h2c" in p["name"] or "grpc" in p["name"])
+    assert container["ports"][0]["name"] == "http1"  # REST first: the Service maps it to 80, the others as they are
+    assert env == {
+        "LINGBOT_ROBOT_ENDPOINT": f"{name}-predictor.{namespace}.svc.cluster.local:{grpc}",
+        "LINGBOT_ROBOT_TRANSPORT": "grpc",
+        "LINGBOT_ROBOT_CANARY_ENDPOINT": f"{name}-{canary['predictor']['name']}-predictor.{namespace}.svc.cluster.local:"
+                                         f"{grpc}",
+        "LINGBOT_ROBOT_CANARY_PERCENT": str(canary["trafficPercent"]),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    robot = RobotSettings(_env_file=None)
+    assert robot.canary_percent == 20 and robot.canary_endpoint.startswith("lingbot-va-reach-v3-canary-predictor.")
+    share = sum(route_for(f"arm-{i}", robot.canary_percent) == CANARY for i in range(2000)) / 20
+    assert share == pytest.approx(20, abs=3)
+    assert main(["render", "--robot-env", "drawer-open-v3"]) == 2
+    assert "not one of the deployed tasks" in capsys.readouterr().err
+
+
 def test_settings_scale_the_jobs():
     s = default_settings(posttrain_nodes=3, gpus_per_node=4, canary_percent=0, serve_gpus=0)
     from pipelines.cluster.workflows import posttrain_documents
