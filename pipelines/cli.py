@@ -37,13 +37,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject's when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lingbot-va-platform")
+    except PackageNotFoundError:
+        import tomllib
+
+        from pipelines.settings import REPO_ROOT
+
+        return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lingbot", description="LingBot-VA platform")
+    parser = argparse.ArgumentParser(prog="lingbot", description="LingBot-VA platform: data, training, gate, "
+                                                                 "registry and serving of video-action policies")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="inspect model presets").add_subparsers(dest="model_command", required=True)
     info = model.add_parser("info", help="parameter counts of a preset (built on the meta device)")
-    info.add_argument("--preset", required=True)
+    info.add_argument("--preset", required=True, help="model preset: tiny, small or paper-5.3b")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_model_info)
 

@@ -14,6 +14,12 @@ Request parameters
     mode         "async" (default, Algorithm 2) | "sync" (Algorithm 1); fixed at reset (ignored afterwards)
     cameras      optional, comma-separated; must equal the model's camera order
     seq          optional int: the chunk index the client expects back; a mismatch is a 4xx "out of order"
+    model_version
+                 optional str: the version the episode runs on (the ``model_version`` of its first response). A reset
+                 carrying it restarts the session on that version if this server still holds it (a hot swap keeps the
+                 versions running sessions use); a server that cannot serve it, or a session on another version,
+                 answers 4xx ``model version not served``. Clients that pin their episodes send it on every request
+                 after the first response, so an episode's chunks never come from two versions.
 
 Request inputs (binary tensors)
     images   UINT8 [N, V, H, W, 3]  frames seen while the previous chunk executed, one per executed step (reset: N=1)
@@ -44,8 +50,9 @@ Errors
     problem, never a 5xx (a 5xx means the model itself failed, e.g. produced NaN; that session is closed). Requests
     over the size limit are 413 on REST. An unknown or evicted session answers ``unknown session <id>: send
     reset=true``; a session begun on a model version that can no longer be served answers ``model changed: send
-    reset=true``. With a token configured, requests need ``Authorization: Bearer <token>`` (REST) or
-    ``authorization`` metadata (gRPC).
+    reset=true``; a request pinned (``model_version``) to a version this server does not serve answers ``model version
+    not served`` (no reset helps: that episode is over). With a token configured, requests need ``Authorization:
+    Bearer <token>`` (REST) or ``authorization`` metadata (gRPC).
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ UNIFIED_DIM = 30
 
 UNKNOWN_SESSION = "unknown session {session_id}: send reset=true"
 MODEL_CHANGED = "model changed: send reset=true"
+VERSION_NOT_SERVED = "model version not served"
 OUT_OF_ORDER = "out of order"
 
 # name -> (V2 datatype, numpy dtype, rank)
@@ -95,6 +103,7 @@ class StepRequest:
     mode: str = "async"
     cameras: tuple[str, ...] | None = None
     seq: int | None = None
+    model_version: str | None = None  # the version the episode is pinned to (None: whatever the server serves)
     images: np.ndarray | None = None  # (N, V, H, W, 3) uint8
     actions: np.ndarray | None = None  # (N, A) float32, native
     state: np.ndarray | None = None  # (N, S) float32
@@ -134,6 +143,8 @@ def to_infer_request(req: StepRequest, model_name: str = DEFAULT_MODEL_NAME) -> 
         params["cameras"] = ",".join(req.cameras)
     if req.seq is not None:
         params["seq"] = int(req.seq)
+    if req.model_version is not None:
+        params["model_version"] = req.model_version
     inputs = []
     for name in INPUTS:
         value = getattr(req, name)
@@ -183,12 +194,15 @@ def from_infer_request(request: InferRequest, *, max_bytes: int | None = None) -
     seq = params.get("seq")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
         raise InvalidInput(f"parameter seq must be a non-negative integer, got {seq!r}")
+    model_version = params.get("model_version")
+    if model_version is not None and (not isinstance(model_version, str) or not model_version):
+        raise InvalidInput(f"parameter model_version must be a non-empty string, got {model_version!r}")
 
     arrays: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         arrays[tensor.name] = _input_array(tensor, arrays)
     step = StepRequest(session_id=session_id, reset=reset, instruction=instruction, mode=mode, cameras=cameras,
-                       seq=seq, **arrays)
+                       seq=seq, model_version=model_version, **arrays)
     _check_steps(step)
     return step
 
@@ -327,6 +341,7 @@ __all__ = [
     "MODES",
     "OUT_OF_ORDER",
     "UNKNOWN_SESSION",
+    "VERSION_NOT_SERVED",
     "StepRequest",
     "StepResponse",
     "from_infer_request",

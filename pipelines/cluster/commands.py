@@ -1,4 +1,5 @@
-"""`lingbot render [--check] [--validate]`: write the cluster pipelines from typed objects and ClusterSettings."""
+"""`lingbot render [--check] [--validate] [--print FILE] [--images] [--robot-env TASK]`: write the cluster manifests
+from typed objects and ClusterSettings."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ from pipelines.settings import REPO_ROOT
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="render pipelines/posttrain.yaml and pipelines/pretrain.yaml "
-                                      "(settings: LINGBOT_CLUSTER_* env vars)")
+    from pipelines.cluster.render import OUTPUTS
+
+    p = sub.add_parser("render", help="render pipelines/posttrain.yaml, pipelines/pretrain.yaml and the kustomize "
+                                      "base's policy.yaml (settings: LINGBOT_CLUSTER_* env vars)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed file differs")
     p.add_argument("--validate", action="store_true",
                    help="also validate the manifests offline (Kubernetes schemas, CRDs, admission rules)")
+    p.add_argument("--print", dest="print_file", choices=sorted(OUTPUTS), default=None,
+                   help="write nothing; print this file as rendered now (pipe it to `kubectl apply -f -`)")
+    p.add_argument("--images", action="store_true",
+                   help="write nothing; print `<Dockerfile> <image>` of every image the manifests reference "
+                        "(what `make images` builds)")
+    p.add_argument("--robot-env", metavar="TASK", default=None,
+                   help="write nothing; print the LINGBOT_ROBOT_* settings of a robot served by TASK's deployed "
+                        "endpoint (stable and canary Services, the share of episodes on the canary)")
     p.add_argument("--crds-dir", type=Path, default=None, help="CRD folder (default: ../shared/crds)")
     p.add_argument("--root", type=Path, default=REPO_ROOT, help="repository root the files live under")
     p.set_defaults(func=render_command)
@@ -22,13 +33,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def render_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from pipelines.cluster.render import check, render, write
+    from pipelines.cluster.render import check, image_builds, render, write
     from pipelines.cluster.settings import ClusterSettings
 
     try:
         settings = ClusterSettings()
     except ValidationError as err:  # pydantic names the field; one line for the user
         raise ValueError(str(err).replace("\n", " ")) from None
+    if args.robot_env:
+        from pipelines.cluster.manifests import robot_env
+
+        if args.robot_env not in settings.tasks:
+            raise ValueError(f"--robot-env {args.robot_env}: not one of the deployed tasks {settings.tasks} "
+                             "(LINGBOT_CLUSTER_TASKS)")
+        for key, value in robot_env(settings, args.robot_env).items():
+            print(f"{key}={value}")
+        return 0
+    if args.images:
+        for dockerfile, image in image_builds(settings):
+            print(dockerfile, image)
+        return 0
+    if args.print_file:
+        print(render(settings)[args.print_file], end="")
+        return 0
     code = 0
     if args.validate:
         code = _validate(render(settings), args.crds_dir)
@@ -37,7 +64,7 @@ def render_command(args: argparse.Namespace) -> int:
         for path in stale:
             print(f"{path}: differs from what `lingbot render` produces; run it and commit the result")
         if not stale:
-            print("rendered pipelines are up to date")
+            print("rendered manifests are up to date")
         return 1 if stale else code
     for path in write(args.root, settings):
         print(f"wrote {path}")

@@ -46,6 +46,9 @@ ROLLOUT_ANNOTATION = "platform.lingbot-va.io/rollout"
 """Pod annotation set to the deploying workflow's name on the canary: a new value restarts those pods."""
 HTTP_PORT = 8080  # kserve's default REST port, which Standard mode's Service targets
 GRPC_PORT = 8081  # kserve's default gRPC port: the robots' primary protocol
+CANARY = "canary"
+"""``predictor.name`` of the deploy step's canary: KServe names its Deployment and Service
+``lingbot-va-<task>-canary-predictor``."""
 MODEL_FORMAT = "lingbot-va"
 """``modelFormat.name`` of a LingBot-VA model directory: what the ``ServingRuntime`` supports (auto-selected)."""
 PROTOCOLS = ("v2", "grpc-v2")
@@ -142,8 +145,10 @@ def gpu_resources(s: ClusterSettings, gpus: int) -> k8s.V1ResourceRequirements:
 def pytorch_job(s: ClusterSettings, *, name: str, component: str, task: str | None, image: str, args: list[str],
                 nodes: int, nproc_per_node: str, resources: k8s.V1ResourceRequirements, mlflow_uri: str,
                 volumes: list[k8s.V1Volume], mounts: list[k8s.V1VolumeMount], gpu: bool,
-                elastic: KubeflowOrgV1ElasticPolicy | None = None) -> KubeflowOrgV1PyTorchJob:
-    """A PyTorchJob of ``nodes`` pods (1 Master + ``nodes - 1`` Workers) each running ``torchrun <args>``.
+                elastic: KubeflowOrgV1ElasticPolicy | None = None,
+                generate_name: bool = False) -> KubeflowOrgV1PyTorchJob:
+    """A PyTorchJob of ``nodes`` pods (1 Master + ``nodes - 1`` Workers) each running ``torchrun <args>``;
+    ``generate_name``: ``name`` is the prefix of a name the API server completes (one job per call of a template).
 
     The training operator injects torchrun's environment (``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
     ``PET_NPROC_PER_NODE``, or the rendezvous settings of an elastic policy), so the command needs no launcher flags.
@@ -166,7 +171,8 @@ def pytorch_job(s: ClusterSettings, *, name: str, component: str, task: str | No
                                                       template=pod)
     return KubeflowOrgV1PyTorchJob(
         api_version="kubeflow.org/v1", kind="PyTorchJob",
-        metadata=k8s.V1ObjectMeta(name=name, namespace=s.namespace, labels=labels(component, task)),
+        metadata=k8s.V1ObjectMeta(name=None if generate_name else name, generate_name=name if generate_name else None,
+                                  namespace=s.namespace, labels=labels(component, task)),
         spec=KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=nproc_per_node, pytorch_replica_specs=replicas, elastic_policy=elastic,
             # keep finished pods (their logs) until the job is deleted; retry a crashed pod a few times
@@ -210,7 +216,8 @@ def serving_runtime(s: ClusterSettings) -> V1alpha1ServingRuntime:
     InferenceService's (``model_container``); KServe merges the two (``MergeServingRuntimeAndInferenceServiceSpecs``:
     the runtime's ``kserve-container`` patched by ``predictor.model``, args appended).
 
-    The infra (infra/kustomize/base/policy.yaml, charts/lingbot-platform) creates the same object; the tests compare.
+    The infra creates the same object: infra/kustomize/base/policy.yaml is rendered from here, the chart
+    (charts/lingbot-platform) templates it and the tests compare.
     """
     container = k8s.V1Container(
         name=KSERVE_CONTAINER, image=s.image(GPU_IMAGE), command=["lingbot", "serve"],
@@ -236,16 +243,17 @@ def serving_runtime(s: ClusterSettings) -> V1alpha1ServingRuntime:
                      k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource())]))
 
 
-def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, name: str | None,
+def _predictor(s: ClusterSettings, *, task: str, image: str | None, mlflow_uri: str, name: str | None,
                replicas: int, annotations: dict[str, str] | None, storage_uri: str | None = None,
-               max_replicas: int | None = None) -> V1beta1PredictorSpec:
+               max_replicas: int | None = None, poll: bool = False) -> V1beta1PredictorSpec:
     """One Deployment of the task's ``lingbot serve``: ``predictor.model`` of format ``MODEL_FORMAT`` (the runtime
-    ``serving_runtime`` supplies the container), plus the pod's placement, account and security context.
+    ``serving_runtime`` supplies the container; ``image`` replaces the runtime's), plus the pod's placement (the
+    edge nodes of the settings, if any), account and security context.
 
     ``storage_uri`` is the model's ``storageUri``: KServe's storage initializer downloads it to /mnt/models before
-    the server starts. The server itself loads ``models:/lingbot-va-<task>@champion`` from the registry.
-    ``--poll-interval-s 0``: a pod keeps the champion it loaded at start; the canary pods, restarted by every
-    deployment, take the new champion first (see ``inference_service``)."""
+    the server starts. The server itself loads ``models:/lingbot-va-<task>@champion`` from the registry and, with
+    ``poll``, follows the alias as it moves (a hot swap); without, a pod keeps the champion it loaded at start (the
+    deploy step's canary pods, restarted by every deployment, take the new champion first: ``inference_service``)."""
     token = k8s.V1EnvVar(name="LINGBOT_SERVE_TOKEN", value_from=k8s.V1EnvVarSource(
         secret_key_ref=k8s.V1SecretKeySelector(name=s.serve_token_secret, key=TOKEN_KEY)))
     model = V1beta1ModelSpec(
@@ -253,26 +261,51 @@ def _predictor(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, na
         # non-empty one in the stable predictor's (validatePredictor), and the container's name is the runtime's
         name="", model_format=V1beta1ModelFormat(name=MODEL_FORMAT), protocol_version=PROTOCOLS[0],
         storage_uri=storage_uri, image=image, resources=serve_resources(s),
-        args=["--model", f"models:/{registered_name(task)}@champion", "--poll-interval-s", "0"],
+        args=["--model", f"models:/{registered_name(task)}@champion", *([] if poll else ["--poll-interval-s", "0"])],
         env=[k8s.V1EnvVar(name="LINGBOT_SERVE_TRACKING_URI", value=mlflow_uri),
              k8s.V1EnvVar(name="LINGBOT_SERVE_DEVICE", value="cuda" if s.serve_gpus else "cpu"), token])
     return V1beta1PredictorSpec(
         name=name, model=model, min_replicas=replicas, max_replicas=max_replicas, annotations=annotations,
         service_account_name=s.serve_service_account, automount_service_account_token=False,
-        node_selector=dict(s.edge_node_selector), tolerations=tolerations(s.edge_tolerations),
+        node_selector=dict(s.edge_node_selector) or None, tolerations=tolerations(s.edge_tolerations) or None,
         security_context=pod_security(s))
+
+
+def _endpoint(s: ClusterSettings, task: str, spec: V1beta1InferenceServiceSpec) -> V1beta1InferenceService:
+    placement = {PLACEMENT_LABEL: EDGE_PLACEMENT} if s.edge_node_selector else {}
+    return V1beta1InferenceService(
+        api_version="serving.kserve.io/v1beta1", kind="InferenceService",
+        metadata=k8s.V1ObjectMeta(name=registered_name(task), namespace=s.namespace,
+                                  labels={**labels("policy-server", task), **placement},
+                                  annotations={DEPLOYMENT_MODE_ANNOTATION: STANDARD_MODE}),
+        spec=spec)
+
+
+def infra_endpoint(s: ClusterSettings, *, task: str, mlflow_uri: str) -> V1beta1InferenceService:
+    """The task's endpoint as the platform's infra installs it (infra/kustomize/base/policy.yaml, generated from
+    here): the runtime's image, ``serve_replicas`` pods following ``models:/lingbot-va-<task>@champion`` as the
+    alias moves (a hot swap inside the server, no rollout), no canary. The deploy step applies the same object with
+    its rollout (``inference_service``)."""
+    predictor = _predictor(s, task=task, image=None, mlflow_uri=mlflow_uri, name=None, replicas=s.serve_replicas,
+                           max_replicas=s.serve_replicas, annotations=None, poll=True)
+    return _endpoint(s, task, V1beta1InferenceServiceSpec(predictor=predictor))
 
 
 def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: str, rollout: str,
                       model_version: str) -> V1beta1InferenceService:
     """The task's policy endpoint on the edge GPU nodes, in KServe Standard mode, with a canary.
 
-    Standard mode ignores ``predictor.canaryTrafficPercent`` (a Knative feature); KServe >= 0.20 splits traffic in
-    Standard mode with ``spec.canary``: named extra Deployments with a ``trafficPercent`` each. The stable pods keep
-    the champion they loaded at start; the canary pods carry ``rollout`` (the deploying workflow's name) as a pod
-    annotation, so every deployment restarts them and they serve the new champion to ``canary_percent`` % of the
-    traffic. The stable pods take it when they next restart (``kubectl rollout restart
-    deployment/lingbot-va-<task>-predictor`` once the canary looks healthy).
+    Standard mode ignores ``predictor.canaryTrafficPercent`` (a Knative feature); KServe >= 0.20 runs ``spec.canary``
+    in Standard mode as named extra Deployments, each behind its own Service (``predictor_service``). The stable pods
+    keep the champion they loaded at start; the canary pods carry ``rollout`` (the deploying workflow's name) as a pod
+    annotation, so every deployment restarts them and they serve the new champion first. The stable pods take it
+    when they next restart (``kubectl rollout restart deployment/lingbot-va-<task>-predictor`` once the canary looks
+    healthy).
+
+    The robots split by episode, not by request: an episode's session (its KV cache) lives in one pod, so each robot
+    addresses both Services and sends ``canary_percent`` % of its episodes, whole, to the canary (``robot_env``;
+    ``services.robot_client.routing``). ``trafficPercent`` says the same share to KServe, whose own split (a weighted
+    Gateway API route in releases after 0.20.0) is per request: fine for stateless calls, not for robot sessions.
 
     KServe's webhook (``validateCanarySpecs``) wants a model on the stable predictor and no ``maxReplicas`` on a
     canary (canaries run ``minReplicas`` pods): both predictors are ``predictor.model`` of format ``MODEL_FORMAT``
@@ -283,13 +316,34 @@ def inference_service(s: ClusterSettings, *, task: str, image: str, mlflow_uri: 
     stable = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name=None, replicas=s.serve_replicas,
                         max_replicas=s.serve_replicas, annotations=None,
                         storage_uri=model_storage_uri(mlflow_uri, task, model_version))
-    canary = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name="canary", replicas=1,
+    canary = _predictor(s, task=task, image=image, mlflow_uri=mlflow_uri, name=CANARY, replicas=1,
                         annotations={ROLLOUT_ANNOTATION: rollout})
-    return V1beta1InferenceService(
-        api_version="serving.kserve.io/v1beta1", kind="InferenceService",
-        metadata=k8s.V1ObjectMeta(
-            name=f"lingbot-va-{task}", namespace=s.namespace,
-            labels={**labels("policy-server", task), PLACEMENT_LABEL: EDGE_PLACEMENT},
-            annotations={DEPLOYMENT_MODE_ANNOTATION: STANDARD_MODE}),
-        spec=V1beta1InferenceServiceSpec(
-            predictor=stable, canary=[V1beta1CanarySpec(predictor=canary, traffic_percent=s.canary_percent)]))
+    return _endpoint(s, task, V1beta1InferenceServiceSpec(
+        predictor=stable, canary=[V1beta1CanarySpec(predictor=canary, traffic_percent=s.canary_percent)]))
+
+
+def predictor_service(task: str, predictor: str | None = None) -> str:
+    """The Service KServe's Standard mode makes for a predictor of the task's InferenceService ``lingbot-va-<task>``:
+    ``<isvc>-predictor`` for the stable one, ``<isvc>-<name>-predictor`` for the canary ``name`` (KServe's
+    ``PredictorServiceName``). Each selects only its own Deployment's pods; its ports are the container's, the first
+    (REST) on 80."""
+    return f"{registered_name(task)}-{predictor}-predictor" if predictor else f"{registered_name(task)}-predictor"
+
+
+def robot_env(s: ClusterSettings, task: str) -> dict[str, str]:
+    """``LINGBOT_ROBOT_*`` of a robot served by the task's deployed endpoint (``inference_service``): gRPC to the
+    stable and canary Services in the cluster's DNS, ``canary_percent`` % of the episodes on the canary. Robots
+    outside the cluster reach the same Services through whatever exposes them on the edge network."""
+    def address(predictor: str | None) -> str:
+        return f"{predictor_service(task, predictor)}.{s.namespace}.svc.cluster.local:{GRPC_PORT}"
+
+    return {"LINGBOT_ROBOT_ENDPOINT": address(None), "LINGBOT_ROBOT_TRANSPORT": "grpc",
+            "LINGBOT_ROBOT_CANARY_ENDPOINT": address(CANARY), "LINGBOT_ROBOT_CANARY_PERCENT": str(s.canary_percent)}
+
+
+def infra_policy(s: ClusterSettings) -> list[dict]:
+    """infra/kustomize/base/policy.yaml: the ServingRuntime and one endpoint per task (``infra_endpoint``) as the
+    kustomize base installs them, unpinned (overlays/edge pins them to the settings' edge nodes; tested equal)."""
+    unpinned = s.model_copy(update={"edge_node_selector": {}, "edge_tolerations": []})
+    return [to_dict(serving_runtime(s)),
+            *(to_dict(infra_endpoint(unpinned, task=task, mlflow_uri=s.mlflow_uri)) for task in s.tasks)]

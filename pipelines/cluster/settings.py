@@ -1,18 +1,21 @@
 """Cluster settings (``LINGBOT_CLUSTER_...`` env vars and ``.env``): what `lingbot render` bakes into the manifests.
 
-Values a user changes per run (task, data version, preset, steps, image, MLflow URI) are also Argo parameters of the
-rendered workflows; everything else (sizes, placement, endpoints) is fixed at render time, so a change here is a
-reviewed diff of ``pipelines/*.yaml`` (`lingbot render --check` fails until it is rendered and committed).
+Values a user changes per run (tasks, data version, preset, steps, base model, image, MLflow URI) are also Argo
+parameters of the rendered workflows; everything else (sizes, placement, endpoints) is fixed at render time, so a
+change here is a reviewed diff of the rendered files (`lingbot render --check` fails until it is rendered and
+committed). Every rendered run is named after a digest of what it runs, so a changed value is a new run.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_MODEL_URI = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_-]+|/[0-9]+)")
 
 
 class Toleration(BaseModel):
@@ -62,9 +65,26 @@ class ClusterSettings(BaseSettings):
     memory_per_gpu_gi: int = Field(64, ge=1, description="memory requested per GPU (GiB)")
     shm_size: str = Field("64Gi", description="/dev/shm of training pods (NCCL, data-loader workers)")
 
+    # the chain: data (DVC + the real encoders) -> pretrain -> lingbot-va-base -> post-train per task -> gate -> deploy
+    preset: str = Field("paper-5.3b", description="model preset of the chain: pretraining's shape and the text width "
+                                                  "prepare encodes for (post-training inherits the base model's)")
+    vae_path: str = Field("weights/Wan2.2-TI2V-5B-Diffusers",
+                          description="Wan2.2 VAE on the data volume, relative to its root (a diffusers pipeline "
+                                      "root with vae/, or the vae folder): what encode runs")
+    text_encoder_path: str = Field("weights/Wan2.2-TI2V-5B-Diffusers",
+                                   description="umT5 text encoder + tokenizer on the data volume, relative to its root "
+                                               "(a diffusers pipeline root, or one folder holding both): what "
+                                               "prepare embeds the instructions with")
+    base_model: str = Field("models:/lingbot-va-base@challenger",
+                            description="registered model post-training starts from: pretraining registers "
+                                        "lingbot-va-base (alias challenger on its newest version); pin a version "
+                                        "(models:/lingbot-va-base/<n>) to post-train from that one")
+
     # post-training (pipelines/posttrain.yaml)
-    task: str = Field("reach-v3", description="default task of the post-training workflow")
-    posttrain_preset: str = Field("small", description="default model preset of post-training")
+    tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["reach-v3"],
+        description="Meta-World tasks post-trained, gated and deployed by one run (comma-separated)")
+    parallel_tasks: int = Field(2, ge=1, description="tasks post-trained at once (each takes posttrain_nodes nodes)")
     posttrain_steps: int = Field(300, ge=1, description="default post-training steps")
     posttrain_nodes: int = Field(1, ge=1, description="pods of the post-training PyTorchJob (1 Master + N-1 Workers)")
     posttrain_zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage of post-training")
@@ -90,19 +110,22 @@ class ClusterSettings(BaseSettings):
                                                            "lingbot-va) in the namespace; the chart's is <release>")
     serve_token_secret: str = Field("lingbot-va-policy-token", description="Secret whose key `token` is the bearer "
                                                                             "token robots send (LINGBOT_SERVE_TOKEN)")
-    canary_percent: int = Field(10, ge=0, le=100, description="traffic share of the canary pods, restarted by every "
-                                                           "deployment so they load the new champion (0: dark)")
+    canary_percent: int = Field(10, ge=0, le=100, description="share of the robots' episodes (robots split per "
+                                                           "episode; KServe's trafficPercent) on the canary pods, "
+                                                           "restarted by every deployment so they load the new "
+                                                           "champion (0: dark)")
 
     # pretraining (pipelines/pretrain.yaml)
-    pretrain_preset: str = Field("paper-5.3b", description="model preset of pretraining")
     pretrain_steps: int = Field(100_000, ge=1, description="pretraining steps")
     pretrain_nodes: int = Field(8, ge=1, description="pods (nodes) of the pretraining PyTorchJob")
     pretrain_min_nodes: int = Field(4, ge=1, description="elastic lower bound of pretraining nodes")
     pretrain_zero_stage: int = Field(3, ge=0, le=3, description="DeepSpeed ZeRO stage of pretraining")
     pretrain_checkpoint_every: int = Field(500, ge=1, description="DeepSpeed checkpoint interval (steps)")
     pretrain_max_restarts: int = Field(10, ge=0, description="elastic restarts before the job fails")
-    encode_nodes: int = Field(4, ge=1, description="pods of the latent-encoding job (each encodes its ranks' share)")
-    data_volume: str = Field("lingbot-va-data", description="ReadWriteMany PVC of latents and pretraining runs")
+    encode_nodes: int = Field(4, ge=1, description="pods of pretraining's latent-encoding job (each encodes its "
+                                                    "ranks' share; post-training encodes its data in one)")
+    data_volume: str = Field("lingbot-va-data", description="ReadWriteMany PVC of the encoder weights and the "
+                                                             "pretraining runs")
     data_volume_size: str = Field("20Ti", description="size of the data PVC")
 
     @field_validator("namespace", "service_account", "s3_secret", "data_volume", "serve_service_account",
@@ -120,12 +143,38 @@ class ClusterSettings(BaseSettings):
             raise ValueError(f"dvc_remote_url {value!r} must be s3://<bucket>[/<prefix>] (an S3 bucket name)")
         return value.rstrip("/")
 
-    @field_validator("task")
+    @field_validator("tasks", mode="before")
     @classmethod
-    def _task_slug(cls, value: str) -> str:
-        # the task ends up in object names (lingbot-va-<task>) and label values
-        if not _DNS_LABEL.fullmatch(value) or len(value) > 40:
-            raise ValueError(f"task {value!r} must be a lower-case slug (a-z, 0-9, '-'; <= 40 characters)")
+    def _split(cls, value):
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_slugs(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("tasks: at least one task")
+        for task in value:
+            # a task ends up in object names and label values; the longest, KServe's Deployment and Service
+            # lingbot-va-<task>-canary-predictor, must be a DNS label (<= 63)
+            if not _DNS_LABEL.fullmatch(task) or len(task) > 35:
+                raise ValueError(f"task {task!r} must be a lower-case slug (a-z, 0-9, '-'; <= 35 characters)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"tasks {value} name a task twice (one endpoint per task)")
+        return value
+
+    @field_validator("vae_path", "text_encoder_path")
+    @classmethod
+    def _on_the_data_volume(cls, value: str) -> str:
+        parts = value.strip("/").split("/")
+        if value.startswith("/") or not value.strip("/") or ".." in parts:
+            raise ValueError(f"{value!r} must be a path relative to the data volume's root (no '/' first, no '..')")
+        return value.strip("/")
+
+    @field_validator("base_model")
+    @classmethod
+    def _registry_uri(cls, value: str) -> str:
+        if not _MODEL_URI.fullmatch(value):
+            raise ValueError(f"base_model {value!r} must be models:/<name>@<alias> or models:/<name>/<version>")
         return value
 
     @property

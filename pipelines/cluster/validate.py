@@ -315,9 +315,12 @@ def _dns1035(name: Any) -> bool:
 
 def _pytorchjob_problems(doc: Mapping) -> Iterator[str]:
     """kubeflow/training-operator v1.9 ``validatePyTorchJob``, plus: a Master is required (torchrun rendezvous)."""
-    name = (doc.get("metadata") or {}).get("name")
+    name, generate = (doc.get("metadata") or {}).get("name"), (doc.get("metadata") or {}).get("generateName")
     if name is not None and not _dns1035(name):
         yield f"metadata.name: {name!r} is not a DNS-1035 label (starts with a letter; a-z, 0-9, '-'; <= 63)"
+    if name is None and isinstance(generate, str) and not _dns1035(generate + "x" * 5):
+        yield (f"metadata.generateName: {generate!r} and the 5 characters the API server appends are not a DNS-1035 "
+               "label (starts with a letter; a-z, 0-9, '-'; <= 63)")
     spec = doc.get("spec") if isinstance(doc.get("spec"), Mapping) else {}
     replicas = spec.get("pytorchReplicaSpecs") if isinstance(spec.get("pytorchReplicaSpecs"), Mapping) else {}
     if not replicas:
@@ -844,35 +847,74 @@ def _references(template: Mapping, scope: str) -> set[str]:
     return found
 
 
+def template_inputs(doc: Mapping, docs: list[dict]) -> dict[str, dict[str, str]]:
+    """``{template name: {input: value}}``: what the first call of each template of a Workflow / WorkflowTemplate
+    receives, followed from the entrypoint through steps and DAG tasks. A step's arguments get its caller's inputs,
+    the workflow parameters' values (or defaults) and ``{{item}}`` (the first of its ``withItems``, or of the JSON
+    list its ``withParam`` names) filled in; a template no step reaches gets its inputs' defaults."""
+    effective = _effective_spec(doc, docs)
+    if effective is None:
+        return {}
+    spec, templates, params = effective
+    workflow_values = {name: str(p.get("value", p.get("default", ""))) for name, p in params.items()}
+
+    def defaults(template: Mapping) -> dict[str, str]:
+        return {p.get("name"): str(p.get("value", p.get("default", "")))
+                for p in (template.get("inputs") or {}).get("parameters") or []}
+
+    found: dict[str, dict[str, str]] = {}
+    pending = [(spec.get("entrypoint"), {})]
+    while pending:
+        name, inputs = pending.pop(0)
+        if name in found or name not in templates:
+            continue
+        found[name] = inputs
+        template = templates[name]
+        calls = [c for group in template.get("steps") or [] for c in group]
+        calls += list((template.get("dag") or {}).get("tasks") or [])
+        for call in calls:
+            item = _first_item(call, inputs, workflow_values)
+            args = {p.get("name"): _fill(str(p.get("value", "")), inputs, workflow_values, item)
+                    for p in (call.get("arguments") or {}).get("parameters") or []}
+            target = templates.get(call.get("template"))
+            if target is not None:
+                pending.append((call.get("template"), {**defaults(target), **args}))
+    for name, template in templates.items():
+        found.setdefault(name, {k: _fill(v, {}, workflow_values) for k, v in defaults(template).items()})
+    return found
+
+
+def _first_item(call: Mapping, inputs: Mapping[str, str], workflow: Mapping[str, str]) -> str | None:
+    items = call.get("withItems")
+    if isinstance(call.get("withParam"), str):
+        try:
+            items = json.loads(_fill(call["withParam"], inputs, workflow))
+        except ValueError:
+            items = None
+    if not isinstance(items, list) or not items:
+        return None
+    return items[0] if isinstance(items[0], str) else json.dumps(items[0])
+
+
 def embedded_manifests(doc: Mapping, docs: list[dict]) -> Iterator[tuple[str, int, dict | str]]:
     """``(template name, index, manifest)`` of a Workflow's / WorkflowTemplate's ``resource`` templates.
 
     ``{{workflow.parameters.X}}`` and ``{{inputs.parameters.X}}`` are filled from the parameters' values or defaults
-    (or the arguments a step passes), anything else (``{{workflow.name}}``, ...) with the word ``sample``; a manifest
-    that is no YAML then comes back as an error string instead of a dict.
+    and the arguments the template is called with (``template_inputs``), anything else (``{{workflow.name}}``, ...)
+    with the word ``sample``; a manifest that is no YAML then comes back as an error string instead of a dict.
     """
     effective = _effective_spec(doc, docs)
     if effective is None:
         return
-    _, templates, params = effective
+    _, _, params = effective
     workflow_values = {name: str(p.get("value", p.get("default", ""))) for name, p in params.items()}
-    callers: dict[str, dict[str, str]] = {}
-    for template in templates.values():
-        steps = [s for group in template.get("steps") or [] for s in group] + list((template.get("dag") or {})
-                                                                                     .get("tasks") or [])
-        for step in steps:
-            args = {p.get("name"): str(p.get("value", "")) for p in (step.get("arguments") or {}).get("parameters") or []}
-            callers.setdefault(step.get("template"), args)
+    inputs = template_inputs(doc, docs)
     for tname, template in _templates_of(doc).items():
         manifest = (template.get("resource") or {}).get("manifest")
         if not isinstance(manifest, str):
             continue
-        inputs = {}
-        for p in (template.get("inputs") or {}).get("parameters") or []:
-            value = p.get("value", p.get("default", (callers.get(tname) or {}).get(p.get("name"), "")))
-            inputs[p.get("name")] = _fill(str(value), {}, workflow_values)
         try:
-            embedded = [d for d in yaml.safe_load_all(_fill(manifest, inputs, workflow_values)) if d]
+            embedded = [d for d in yaml.safe_load_all(_fill(manifest, inputs.get(tname, {}), workflow_values)) if d]
         except yaml.YAMLError as err:
             yield tname, 0, f"not valid YAML once parameters are filled in: {_shorten(str(err))}"
             continue
@@ -880,13 +922,15 @@ def embedded_manifests(doc: Mapping, docs: list[dict]) -> Iterator[tuple[str, in
             yield tname, index, manifest_doc
 
 
-def _fill(text: str, inputs: Mapping[str, str], workflow: Mapping[str, str]) -> str:
+def _fill(text: str, inputs: Mapping[str, str], workflow: Mapping[str, str], item: str | None = None) -> str:
     def one(match: re.Match) -> str:
         expression = match.group(1)
         if expression.startswith("inputs.parameters.") and expression[18:] in inputs:
             return inputs[expression[18:]]
         if expression.startswith("workflow.parameters.") and expression[20:] in workflow:
             return workflow[expression[20:]]
+        if expression == "item" and item is not None:
+            return item
         return "sample"  # workflow.name, workflow.uid, ...: any DNS-safe word stands in
 
     return _PLACEHOLDER.sub(one, text)

@@ -17,6 +17,8 @@ class Episode:
     success:     (T,) bool per-step success flag
     task:        task name (e.g. "reach-v3"); instruction: its natural-language instruction
     embodiment:  key of the embodiment adapter that maps native actions to the unified 30-dim space
+    state_names / action_names: optional names of the state / action columns (LeRobot's feature ``names``,
+                 e.g. ``("x", "y", "z", "grip")``); None means unnamed (written as ``state_0``, ``action_0``, ...)
     """
 
     frames: dict[str, np.ndarray]
@@ -29,6 +31,8 @@ class Episode:
     fps: int
     seed: int = -1
     extra: dict = field(default_factory=dict)
+    state_names: tuple[str, ...] | None = None
+    action_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         T = len(self.actions)
@@ -36,6 +40,10 @@ class Episode:
             raise ValueError(f"actions and state must be 2-D (T, dim), got {self.actions.shape} and {self.state.shape}")
         if len(self.state) != T or len(self.success) != T:
             raise ValueError(f"episode lengths differ: actions {T}, state {len(self.state)}, success {len(self.success)}")
+        for what, names, width in (("state", self.state_names, self.state.shape[1]),
+                                   ("action", self.action_names, self.actions.shape[1])):
+            if names is not None and (len(names) != width or not all(isinstance(n, str) and n for n in names)):
+                raise ValueError(f"{what}_names must be {width} non-empty strings, got {names!r}")
         for key, f in self.frames.items():
             if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3 or len(f) != T:
                 raise ValueError(f"camera {key!r} frames must be uint8 (T={T}, H, W, 3), got {f.dtype} {f.shape}")

@@ -1,40 +1,38 @@
 """LeRobot dataset files <-> ``Episode``: a writer, a validating reader and a quarantining importer.
 
-Written format: LeRobotDataset **codebase_version "v2.1"** (one parquet file per episode, one mp4 per camera per
-episode), laid out exactly as LeRobot's own v2.1 code writes it. Sources read for this (huggingface/lerobot):
+Written format: LeRobotDataset **codebase_version "v3.0"**, the format lerobot 0.4+ (0.6.1 included) loads; older
+versions are refused by its ``LeRobotDataset`` (``BackwardCompatibilityError``). Facts taken from lerobot 0.6.1's
+``src/lerobot/datasets`` (``utils.py``, ``io_utils.py``, ``dataset_metadata.py``, ``dataset_writer.py``,
+``video_utils.py``, ``feature_utils.py``) and ``docs/source/lerobot-dataset-v3.mdx``:
 
-* ``lerobot/common/datasets/utils.py`` (v2.1): ``INFO_PATH = "meta/info.json"``, ``EPISODES_PATH =
-  "meta/episodes.jsonl"``, ``EPISODES_STATS_PATH = "meta/episodes_stats.jsonl"``, ``TASKS_PATH = "meta/tasks.jsonl"``,
-  ``STATS_PATH = "meta/stats.json"``, ``DEFAULT_PARQUET_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}
-  .parquet"``, ``DEFAULT_VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"``,
-  ``DEFAULT_CHUNK_SIZE = 1000``, ``DEFAULT_FEATURES`` (timestamp float32, frame_index / episode_index / index /
-  task_index int64, each ``shape (1,)``), ``create_empty_dataset_info`` (the info.json keys: codebase_version,
-  robot_type, total_episodes, total_frames, total_tasks, total_videos, total_chunks, chunks_size, fps, splits,
-  data_path, video_path, features), ``write_task`` (``{"task_index", "task"}``), ``write_episode_stats``
-  (``{"episode_index", "stats"}``).
-* ``lerobot/common/datasets/lerobot_dataset.py`` (v2.1) ``LeRobotDatasetMetadata.save_episode``: an episodes.jsonl
-  line is ``{"episode_index", "tasks": [...], "length"}``; ``splits = {"train": "0:<total_episodes>"}``;
-  ``update_video_info`` stores the video probe under ``features[<video_key>]["info"]`` (the "video info" block:
-  video.fps / video.height / video.width / video.channels / video.codec / video.pix_fmt / video.is_depth_map /
-  has_audio, as ``video_utils.get_video_info`` returns it).
-* ``lerobot/common/datasets/compute_stats.py`` (v2.1): per-feature ``min/max/mean/std/count``; vectors reduced over
-  time (shape ``(D,)``), scalars kept as ``(1,)``, images/videos per channel ``(3, 1, 1)`` scaled to [0, 1];
-  ``aggregate_stats`` merges episodes with count-weighted means and the parallel-variance formula.
-* Recorded v2.1 datasets on the Hub (e.g. their README ``meta/info.json`` dumps): video features are
-  ``{"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"], "info": {...}}``.
+* many episodes per file: frames in ``data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet`` (one row group
+  per episode), each camera in ``videos/<video_key>/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4`` with the
+  episodes one after another; a new file starts once one passes ``data_files_size_in_mb`` (100) /
+  ``video_files_size_in_mb`` (200), ``chunks_size`` (1000) files per chunk folder;
+* ``meta/episodes/chunk-XXX/file-XXX.parquet``: one row per episode with ``episode_index``, ``tasks`` (list of
+  strings), ``length``, ``data/chunk_index``, ``data/file_index``, ``dataset_from_index``, ``dataset_to_index``,
+  per video ``videos/<key>/chunk_index``, ``file_index``, ``from_timestamp``, ``to_timestamp`` (seconds into the
+  shared mp4), ``meta/episodes/chunk_index`` / ``file_index`` and the flattened episode stats ``stats/<key>/<stat>``;
+  LeRobot reads ``self.episodes[ep_idx]`` positionally, so row i is episode i;
+* ``meta/tasks.parquet``: the task strings as the index (named ``task``) and a ``task_index`` column;
+* ``meta/info.json``: ``codebase_version``, ``robot_type``, ``total_episodes``, ``total_frames``, ``total_tasks``,
+  ``chunks_size``, ``data_files_size_in_mb``, ``video_files_size_in_mb``, ``fps``, ``splits``, ``data_path``,
+  ``video_path``, ``features`` (``DatasetInfo``; unknown keys are warned about, so v2's ``total_videos`` /
+  ``total_chunks`` are not written); ``meta/stats.json``: the aggregated stats;
+* a frame at ``timestamp`` t of an episode is the video frame shown at ``from_timestamp + t`` (LeRobot decodes by
+  timestamp with a 1e-4 s tolerance), so each episode continues the shared mp4's timeline at frame-exact pts;
+* stats (``compute_stats.py``): per feature ``min/max/mean/std/count``; vectors reduced over time (``(D,)``),
+  scalars ``(1,)``, images per channel ``(3, 1, 1)`` in [0, 1]; ``aggregate_stats`` merges with count-weighted
+  means and the parallel-variance formula.
 
-Extra per-episode keys are allowed in episodes.jsonl (LeRobot loads each line as a dict and only reads the keys it
-knows); we add ``task_name`` (e.g. the Meta-World task), ``seed``, ``embodiment`` and ``extra`` so an ``Episode`` survives
-the round trip. The LeRobot "task" string is the natural-language instruction.
+Extra per-episode columns are allowed in the episodes parquet (LeRobot selects the columns it knows); we add
+``task_name`` (e.g. the Meta-World task), ``seed``, ``embodiment`` and ``extra`` (JSON text) so an ``Episode``
+survives the round trip. The LeRobot "task" string is the natural-language instruction. State and action column
+names are the features' ``names`` (``Episode.state_names`` / ``action_names``).
 
-The reader also accepts v2.0 (same layout, no episodes_stats) and **v3.0** (``docs/source/lerobot-dataset-v3.mdx`` and
-``src/lerobot/datasets/utils.py``): many episodes per ``data/chunk-XXX/file-XXX.parquet`` and per
-``videos/<video_key>/chunk-XXX/file-XXX.mp4``, episode rows in ``meta/episodes/chunk-XXX/file-XXX.parquet`` with
-``data/chunk_index``, ``data/file_index``, ``videos/<key>/chunk_index``, ``videos/<key>/file_index`` and
-``videos/<key>/from_timestamp``, and tasks in ``meta/tasks.parquet`` (index = task string, column ``task_index``).
-Any other codebase_version is rejected with a ValueError naming it.
-
-All video encoding and decoding goes through PyAV (yuv420p mp4).
+The reader also accepts v2.0 / v2.1 (one parquet and one mp4 per episode, ``meta/episodes.jsonl``,
+``meta/tasks.jsonl``; v2.1 adds ``meta/episodes_stats.jsonl``). Any other codebase_version is rejected with a
+ValueError naming it. All video encoding and decoding goes through PyAV.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ import dataclasses
 import io
 import itertools
 import json
-import math
 import os
 import shutil
 import uuid
@@ -61,18 +58,21 @@ import pyarrow.parquet as pq
 
 from pipelines.data.episode import Episode
 
-CODEBASE_VERSION = "v2.1"
-CHUNKS_SIZE = 1000  # episodes per chunk folder (LeRobot's DEFAULT_CHUNK_SIZE)
+CODEBASE_VERSION = "v3.0"
+CHUNKS_SIZE = 1000  # files per chunk folder (LeRobot's DEFAULT_CHUNK_SIZE)
+DATA_FILE_SIZE_MB = 100  # LeRobot's DEFAULT_DATA_FILE_SIZE_IN_MB
+VIDEO_FILE_SIZE_MB = 200  # LeRobot's DEFAULT_VIDEO_FILE_SIZE_IN_MB
 
 INFO_PATH = "meta/info.json"
-EPISODES_PATH = "meta/episodes.jsonl"
-EPISODES_STATS_PATH = "meta/episodes_stats.jsonl"
-TASKS_PATH = "meta/tasks.jsonl"
 STATS_PATH = "meta/stats.json"
-DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
-VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_TASKS_PATH = "meta/tasks.parquet"
 V3_EPISODES_DIR = "meta/episodes"
+# v2.0 / v2.1 (read only)
+V2_EPISODES_PATH = "meta/episodes.jsonl"
+V2_TASKS_PATH = "meta/tasks.jsonl"
 
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
@@ -96,13 +96,19 @@ def write_lerobot_dataset(
     video_codec: str = "libx264",
     crf: int | None = 23,
     gop_size: int = 2,
+    data_file_size_mb: float = DATA_FILE_SIZE_MB,
+    video_file_size_mb: float = VIDEO_FILE_SIZE_MB,
+    episodes_per_file: int | None = None,
 ) -> Path:
-    """Write ``episodes`` as a new LeRobot v2.1 dataset at ``root`` and return ``root``.
+    """Write ``episodes`` as a new LeRobot v3.0 dataset at ``root`` and return ``root``.
 
-    Each camera ``cam`` of the episodes becomes the video feature ``observation.images.<cam>`` (one yuv420p mp4 per
-    episode, encoded with PyAV's ``video_codec`` at ``crf``; ``gop_size`` 2 follows LeRobot's default so single frames
-    decode quickly). ``fps`` defaults to the first episode's; every episode must match it and share the first episode's
-    cameras, frame sizes and state/action widths. The dataset is built in a hidden temporary folder beside ``root``
+    Each camera ``cam`` of the episodes becomes the video feature ``observation.images.<cam>`` (the episodes one
+    after another in shared mp4 files, encoded with PyAV's ``video_codec`` at ``crf``; ``gop_size`` 2 follows
+    LeRobot's default so single frames decode quickly). ``fps`` defaults to the first episode's; every episode must
+    match it and share the first episode's cameras, frame sizes, state/action widths and names. A data / video file
+    is closed and the next one started at the first episode boundary after it reaches ``data_file_size_mb`` /
+    ``video_file_size_mb``, or once it holds ``episodes_per_file`` episodes (None: no such cap; 1 gives LeRobot v2's
+    one file per episode inside the v3.0 layout). The dataset is built in a hidden temporary folder beside ``root``
     and renamed into place at the end, so ``root`` either holds a complete dataset or does not exist (an exception
     removes the temporary folder). Appending to an existing dataset is not supported: ``root`` must not exist.
     """
@@ -113,10 +119,15 @@ def write_lerobot_dataset(
         raise ValueError(f"video codec {video_codec!r} is not available in this PyAV build")
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    if not (data_file_size_mb > 0 and video_file_size_mb > 0):
+        raise ValueError("data_file_size_mb and video_file_size_mb must be positive")
+    if episodes_per_file is not None and episodes_per_file < 1:
+        raise ValueError(f"episodes_per_file must be at least 1, got {episodes_per_file}")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_dir(root.parent, f".{root.name}.tmp-")
     try:
-        _write_dataset(tmp, episodes, robot_type=robot_type, fps=fps, codec=video_codec, crf=crf, gop_size=gop_size)
+        _V3Writer(tmp, robot_type=robot_type, fps=fps, codec=video_codec, crf=crf, gop_size=gop_size,
+                  data_mb=data_file_size_mb, video_mb=video_file_size_mb, per_file=episodes_per_file).write(episodes)
         os.rename(tmp, root)  # atomic on one filesystem; fails rather than merging if root appeared meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,73 +143,185 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
     return path
 
 
-def _write_dataset(
-    out: Path, episodes: Iterable[Episode], *, robot_type: str, fps: int | None, codec: str, crf: int | None, gop_size: int
-) -> None:
-    tasks: dict[str, int] = {}
-    episode_lines: list[dict] = []
-    episode_stats: list[dict] = []
-    video_info: dict[str, dict] = {}
-    layout: dict[str, Any] | None = None  # what the first episode fixed: fps, cameras, sizes, widths
-    total_frames = 0
-    for ep_index, ep in enumerate(episodes):
+def _next_file(chunk: int, file: int) -> tuple[int, int]:
+    """LeRobot's update_chunk_file_indices: the next file, in the next chunk folder after ``CHUNKS_SIZE`` files."""
+    return (chunk + 1, 0) if file == CHUNKS_SIZE - 1 else (chunk, file + 1)
+
+
+class _VideoFile:
+    """One camera's current shared mp4: episodes are appended at frame-exact pts continuing the file's timeline."""
+
+    def __init__(self, path: Path, fps: int, size: tuple[int, int], codec: str, crf: int | None, gop_size: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.fps, self.frames, self.closed = path, fps, 0, False
+        options = {"g": str(gop_size)}
+        if crf is not None:
+            options["crf"] = str(crf)
+        self.container = av.open(str(path), mode="w")
+        self.stream = self.container.add_stream(codec, rate=fps, options=options)
+        self.stream.height, self.stream.width = size
+        # libx264rgb codes the RGB planes themselves (lossless at crf 0); every other codec gets LeRobot's yuv420p
+        self.stream.pix_fmt = "rgb24" if codec == "libx264rgb" else "yuv420p"
+
+    def append(self, frames: np.ndarray) -> tuple[float, float]:
+        """Encode an episode's frames; returns its (from_timestamp, to_timestamp) in seconds within this file."""
+        start = self.frames
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = self.frames, Fraction(1, self.fps)  # shown at frames / fps seconds
+            self.frames += 1
+            for packet in self.stream.encode(frame):  # PyAV converts rgb24 -> the stream's pix_fmt here
+                self.container.mux(packet)
+        return start / self.fps, self.frames / self.fps
+
+    def size_mb(self) -> float:
+        return self.path.stat().st_size / 2**20 if self.path.exists() else 0.0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for packet in self.stream.encode():  # flush the encoder's delayed frames
+                self.container.mux(packet)
+        finally:
+            self.container.close()
+
+
+class _V3Writer:
+    """Streams episodes into the v3.0 files; ``write`` returns once meta/ is complete."""
+
+    def __init__(self, out: Path, *, robot_type: str, fps: int | None, codec: str, crf: int | None, gop_size: int,
+                 data_mb: float, video_mb: float, per_file: int | None) -> None:
+        self.out, self.robot_type, self.fps = out, robot_type, fps
+        self.codec, self.crf, self.gop_size, self.data_mb, self.video_mb = codec, crf, gop_size, data_mb, video_mb
+        self.tasks: dict[str, int] = {}
+        self.rows: list[dict] = []
+        self.episode_stats: list[dict[str, dict[str, np.ndarray]]] = []
+        self.video_info: dict[str, dict] = {}
+        self.layout: dict[str, Any] | None = None
+        self.data_file = (0, 0)
+        self.data_writer: pq.ParquetWriter | None = None
+        self.videos: dict[str, tuple[tuple[int, int], _VideoFile]] = {}
+        self.total_frames = 0
+        self.per_file = per_file
+        self.in_data_file = 0  # episodes in the current data file; in_video_file: the same per camera
+        self.in_video_file: dict[str, int] = {}
+
+    def _full(self, size_mb: float, limit_mb: float, episodes: int) -> bool:
+        return size_mb >= limit_mb or (self.per_file is not None and episodes >= self.per_file)
+
+    def write(self, episodes: Iterable[Episode]) -> None:
+        try:
+            for ep_index, ep in enumerate(episodes):
+                self._add(ep_index, ep)
+        finally:
+            self._close_files()
+        if self.layout is None:
+            raise ValueError("no episodes to write: the episode iterable was empty")
+        for key in self.videos:  # like LeRobot's update_video_info: probe the first file
+            first = self.out / VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=0)
+            self.video_info[key] = _probe_video(first, self.layout["fps"])
+        self._write_meta()
+
+    def _add(self, ep_index: int, ep: Episode) -> None:
         if not isinstance(ep, Episode):
             raise ValueError(f"episode {ep_index}: expected an Episode, got {type(ep).__name__}")
-        if layout is None:
-            layout = _layout_of(ep, fps)
+        if self.layout is None:
+            self.layout = _layout_of(ep, self.fps)
+        layout = self.layout
         _check_matches_layout(ep, ep_index, layout)
         if ep.length == 0:
             raise ValueError(f"episode {ep_index} has no frames")
         try:
-            extra = json.loads(json.dumps(ep.extra))
+            extra = json.dumps(ep.extra)
         except (TypeError, ValueError) as err:
             raise ValueError(f"episode {ep_index}: extra is not JSON-serialisable ({err})") from err
         instruction = ep.instruction or ep.task  # LeRobot needs a non-empty task string per episode
         if not instruction:
             raise ValueError(f"episode {ep_index} has neither an instruction nor a task name")
-        task_index = tasks.setdefault(instruction, len(tasks))
-        T, chunk = ep.length, ep_index // CHUNKS_SIZE
-        arrays = _frame_arrays(ep, ep_index, task_index, total_frames, layout["fps"])
-        data_file = out / DATA_PATH.format(episode_chunk=chunk, episode_index=ep_index)
-        data_file.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(_to_arrow(arrays), data_file)
+        task_index = self.tasks.setdefault(instruction, len(self.tasks))
+        T = ep.length
+        arrays = _frame_arrays(ep, ep_index, task_index, self.total_frames, layout["fps"])
         stats = {key: _vector_stats(a) for key, a in arrays.items()}
+        row: dict[str, Any] = {"episode_index": ep_index, "tasks": [instruction], "length": T}
+        row.update(self._append_data(arrays))
+        row.update({"dataset_from_index": self.total_frames, "dataset_to_index": self.total_frames + T})
         for cam in layout["cameras"]:
             key = CAMERA_PREFIX + cam
-            video_file = out / VIDEO_PATH.format(episode_chunk=chunk, video_key=key, episode_index=ep_index)
-            _encode_video(video_file, ep.frames[cam], layout["fps"], codec, crf, gop_size)
-            if key not in video_info:  # like LeRobot's update_video_info: probe the first episode's file
-                video_info[key] = _probe_video(video_file, layout["fps"])
+            (chunk, file), video = self._video(key, layout["sizes"][cam])
+            start, end = video.append(ep.frames[cam])
+            row.update({f"videos/{key}/chunk_index": chunk, f"videos/{key}/file_index": file,
+                        f"videos/{key}/from_timestamp": start, f"videos/{key}/to_timestamp": end})
             stats[key] = _image_stats(ep.frames[cam])
-        episode_lines.append({"episode_index": ep_index, "tasks": [instruction], "length": T, "task_name": ep.task,
-                              "seed": int(ep.seed), "embodiment": ep.embodiment, "extra": extra})
-        episode_stats.append({"episode_index": ep_index, "stats": _serialise(stats)})
-        total_frames += T
-    if layout is None:
-        raise ValueError("no episodes to write: the episode iterable was empty")
+        row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0, "task_name": ep.task,
+                    "seed": int(ep.seed), "embodiment": ep.embodiment, "extra": extra})
+        row.update({f"stats/{key}/{name}": np.asarray(v).tolist() for key, s in stats.items() for name, v in s.items()})
+        self.rows.append(row)
+        self.episode_stats.append(stats)
+        self.total_frames += T
 
-    n = len(episode_lines)
-    features = _features(layout, video_info)
-    info = {
-        "codebase_version": CODEBASE_VERSION,
-        "robot_type": robot_type,
-        "total_episodes": n,
-        "total_frames": total_frames,
-        "total_tasks": len(tasks),
-        "total_videos": n * len(layout["cameras"]),
-        "total_chunks": math.ceil(n / CHUNKS_SIZE),
-        "chunks_size": CHUNKS_SIZE,
-        "fps": layout["fps"],
-        "splits": {"train": f"0:{n}"},
-        "data_path": DATA_PATH,
-        "video_path": VIDEO_PATH if layout["cameras"] else None,
-        "features": features,
-    }
-    _write_json(out / INFO_PATH, info)
-    _write_jsonl(out / EPISODES_PATH, episode_lines)
-    _write_jsonl(out / TASKS_PATH, [{"task_index": i, "task": t} for t, i in tasks.items()])
-    _write_jsonl(out / EPISODES_STATS_PATH, episode_stats)
-    _write_json(out / STATS_PATH, _serialise(_aggregate_stats([_deserialise(s["stats"]) for s in episode_stats])))
+    def _append_data(self, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+        table = _to_arrow(arrays)
+        path = self.out / DATA_PATH.format(chunk_index=self.data_file[0], file_index=self.data_file[1])
+        if self.data_writer is not None and self._full(path.stat().st_size / 2**20, self.data_mb, self.in_data_file):
+            self.data_writer.close()
+            self.data_writer, self.data_file, self.in_data_file = None, _next_file(*self.data_file), 0
+            path = self.out / DATA_PATH.format(chunk_index=self.data_file[0], file_index=self.data_file[1])
+        if self.data_writer is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.data_writer = pq.ParquetWriter(str(path), table.schema, compression="snappy")
+        self.data_writer.write_table(table)  # one row group per episode, as LeRobot writes them
+        self.in_data_file += 1
+        return {"data/chunk_index": self.data_file[0], "data/file_index": self.data_file[1]}
+
+    def _video(self, key: str, size: tuple[int, int]) -> tuple[tuple[int, int], _VideoFile]:
+        current = self.videos.get(key)
+        if current is not None and not self._full(current[1].size_mb(), self.video_mb, self.in_video_file[key]):
+            self.in_video_file[key] += 1
+            return current
+        index = (0, 0)
+        if current is not None:
+            current[1].close()
+            index = _next_file(*current[0])
+        path = self.out / VIDEO_PATH.format(video_key=key, chunk_index=index[0], file_index=index[1])
+        assert self.layout is not None
+        self.videos[key] = (index, _VideoFile(path, self.layout["fps"], size, self.codec, self.crf, self.gop_size))
+        self.in_video_file[key] = 1
+        return self.videos[key]
+
+    def _close_files(self) -> None:
+        if self.data_writer is not None:
+            self.data_writer.close()
+            self.data_writer = None
+        for _, video in self.videos.values():
+            video.close()
+
+    def _write_meta(self) -> None:
+        assert self.layout is not None
+        n = len(self.rows)
+        info = {
+            "codebase_version": CODEBASE_VERSION,
+            "robot_type": self.robot_type,
+            "total_episodes": n,
+            "total_frames": self.total_frames,
+            "total_tasks": len(self.tasks),
+            "chunks_size": CHUNKS_SIZE,
+            "data_files_size_in_mb": self.data_mb,
+            "video_files_size_in_mb": self.video_mb,
+            "fps": self.layout["fps"],
+            "splits": {"train": f"0:{n}"},
+            "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if self.layout["cameras"] else None,
+            "features": _features(self.layout, self.video_info),
+        }
+        _write_json(self.out / INFO_PATH, info)
+        episodes = self.out / EPISODES_PATH.format(chunk_index=0, file_index=0)
+        episodes.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(self.rows), episodes)
+        tasks = pd.DataFrame({"task_index": list(self.tasks.values())}, index=pd.Index(list(self.tasks), name="task"))
+        tasks.to_parquet(self.out / V3_TASKS_PATH)
+        _write_json(self.out / STATS_PATH, _serialise(_aggregate_stats(self.episode_stats)))
 
 
 def _layout_of(ep: Episode, fps: int | None) -> dict[str, Any]:
@@ -217,6 +340,8 @@ def _layout_of(ep: Episode, fps: int | None) -> dict[str, Any]:
         "sizes": {cam: tuple(ep.frames[cam].shape[1:3]) for cam in cameras},
         "state_dim": ep.state.shape[1],
         "action_dim": ep.actions.shape[1],
+        "state_names": list(ep.state_names or [f"state_{i}" for i in range(ep.state.shape[1])]),
+        "action_names": list(ep.action_names or [f"action_{i}" for i in range(ep.actions.shape[1])]),
     }
 
 
@@ -233,6 +358,10 @@ def _check_matches_layout(ep: Episode, ep_index: int, layout: dict[str, Any]) ->
             f"episode {ep_index} has state/action widths {ep.state.shape[1]}/{ep.actions.shape[1]}, "
             f"expected {layout['state_dim']}/{layout['action_dim']}"
         )
+    for what in ("state_names", "action_names"):
+        names = getattr(ep, what)
+        if names is not None and list(names) != layout[what]:
+            raise ValueError(f"episode {ep_index} has {what} {list(names)}, the dataset's are {layout[what]}")
 
 
 def _frame_arrays(ep: Episode, ep_index: int, task_index: int, first_index: int, fps: int) -> dict[str, np.ndarray]:
@@ -268,10 +397,8 @@ def _features(layout: dict[str, Any], video_info: dict[str, dict]) -> dict[str, 
         return {"dtype": dtype, "shape": [1], "names": None}
 
     features: dict[str, dict] = {
-        STATE_KEY: {"dtype": "float32", "shape": [layout["state_dim"]],
-                    "names": [f"state_{i}" for i in range(layout["state_dim"])]},
-        ACTION_KEY: {"dtype": "float32", "shape": [layout["action_dim"]],
-                     "names": [f"action_{i}" for i in range(layout["action_dim"])]},
+        STATE_KEY: {"dtype": "float32", "shape": [layout["state_dim"]], "names": layout["state_names"]},
+        ACTION_KEY: {"dtype": "float32", "shape": [layout["action_dim"]], "names": layout["action_names"]},
     }
     for cam in layout["cameras"]:
         key = CAMERA_PREFIX + cam
@@ -283,25 +410,6 @@ def _features(layout: dict[str, Any], video_info: dict[str, dict]) -> dict[str, 
     features[SUCCESS_KEY] = scalar("bool")
     features[DONE_KEY] = scalar("bool")
     return features
-
-
-def _encode_video(path: Path, frames: np.ndarray, fps: int, codec: str, crf: int | None, gop_size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"g": str(gop_size)}
-    if crf is not None:
-        options["crf"] = str(crf)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps, options=options)
-        stream.height, stream.width = frames.shape[1:3]
-        # libx264rgb codes the RGB planes themselves (lossless at crf 0); every other codec gets LeRobot's yuv420p
-        stream.pix_fmt = "rgb24" if codec == "libx264rgb" else "yuv420p"
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts, frame.time_base = i, Fraction(1, fps)  # frame i is shown at i / fps, matching `timestamp`
-            for packet in stream.encode(frame):  # PyAV converts rgb24 -> the stream's pix_fmt here
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder's delayed (B-)frames
-            container.mux(packet)
 
 
 def _probe_video(path: Path, fps: int) -> dict:
@@ -383,11 +491,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=4, ensure_ascii=False))
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 # ----------------------------------------------------------------------------------------------------------- reading
 
 
@@ -417,12 +520,12 @@ class LeRobotDataset:
         self.video_keys = [k for k, ft in self.features.items() if ft.get("dtype") == "video"]
         self.image_keys = [k for k, ft in self.features.items() if ft.get("dtype") == "image"]
         if self.version.startswith("v2."):
-            self._check_files(EPISODES_PATH, TASKS_PATH)
+            self._check_files(V2_EPISODES_PATH, V2_TASKS_PATH)
             try:
-                self.tasks = {int(r["task_index"]): str(r["task"]) for r in _read_jsonl(self.root / TASKS_PATH)}
+                self.tasks = {int(r["task_index"]): str(r["task"]) for r in _read_jsonl(self.root / V2_TASKS_PATH)}
             except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{self.root / TASKS_PATH}: every line needs task_index and task ({err!r})") from err
-            rows = _read_jsonl(self.root / EPISODES_PATH)
+                raise ValueError(f"{self.root / V2_TASKS_PATH}: every line needs task_index and task ({err!r})") from err
+            rows = _read_jsonl(self.root / V2_EPISODES_PATH)
         else:
             self._check_files(V3_TASKS_PATH)
             self.tasks = _load_v3_tasks(self.root / V3_TASKS_PATH)
@@ -432,6 +535,9 @@ class LeRobotDataset:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{self.root}: an episode metadata row has no valid episode_index ({err!r})") from err
         self.episode_indices = sorted(self._meta)
+        self.state_names = _feature_names(self.features[STATE_KEY])
+        self.action_names = _feature_names(self.features[ACTION_KEY])
+        self._table_cache: tuple[Path, pa.Table] | None = None  # the last shared v3.0 data file read
         if not self._v2:  # v3.0 finds an episode's rows and frames only through these columns
             needed = ["data/chunk_index", "data/file_index"] + [
                 f"videos/{k}/{c}" for k in self.video_keys for c in ("chunk_index", "file_index", "from_timestamp")
@@ -475,7 +581,7 @@ class LeRobotDataset:
             "task": str(meta.get("task_name") or instruction),
             "embodiment": str(meta.get("embodiment") or self.default_embodiment),
             "seed": int(meta["seed"]) if meta.get("seed") is not None else -1,
-            "extra": dict(meta["extra"]) if isinstance(meta.get("extra"), dict) else {},
+            "extra": _extra(meta.get("extra")),
         }
 
     def data_file(self, episode_index: int) -> Path:
@@ -593,10 +699,22 @@ class LeRobotDataset:
                 fps=self.fps,
                 seed=meta["seed"],
                 extra=meta["extra"],
+                state_names=self.state_names if self.state_names and len(self.state_names) == state.shape[1] else None,
+                action_names=(self.action_names if self.action_names and len(self.action_names) == actions.shape[1]
+                              else None),
             )
         except ValueError as err:  # inconsistent shapes across columns/videos
             return None, [str(err)]
         return episode, []
+
+    def frame_table(self, episode_index: int) -> pa.Table:
+        """This episode's rows of its parquet file (every non-video column), in frame order; ValueError when the
+        file is missing, unreadable or lacks the state / action columns."""
+        problems: list[str] = []
+        table = self._read_rows(episode_index, problems)
+        if table is None:
+            raise ValueError(f"{self.root} episode {episode_index}: " + "; ".join(problems))
+        return table
 
     def _read_rows(self, episode_index: int, problems: list[str]) -> pa.Table | None:
         path = self.data_file(episode_index)
@@ -605,7 +723,12 @@ class LeRobotDataset:
             problems.append(f"missing parquet {rel}")
             return None
         try:
-            table = pq.read_table(path)
+            if self._table_cache is not None and self._table_cache[0] == path:
+                table = self._table_cache[1]
+            else:
+                table = pq.read_table(path)
+                if not self._v2:  # shared by the next episodes, which are usually read next
+                    self._table_cache = (path, table)
         except (pa.ArrowException, OSError) as err:
             problems.append(f"unreadable parquet {rel}: {err}")
             return None
@@ -749,6 +872,27 @@ def _load_v3_episodes(directory: Path) -> list[dict]:
     return rows
 
 
+def _feature_names(ft: dict) -> tuple[str, ...] | None:
+    """A vector feature's column names: LeRobot stores a list, or (older datasets) a dict with one list such as
+    ``{"motors": [...]}``; None when absent or not a flat list of strings."""
+    names = ft.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) and n for n in names):
+        return tuple(names)
+    return None
+
+
+def _extra(value: Any) -> dict:
+    """The ``extra`` of an episode row: a dict (v2.x jsonl) or JSON text (our v3.0 column)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
+    return dict(value) if isinstance(value, dict) else {}
+
+
 def _feature_hw(ft: dict) -> tuple[int, int] | None:
     shape, names = list(ft.get("shape") or []), list(ft.get("names") or [])
     if len(shape) != 3:
@@ -765,6 +909,9 @@ def _decode_video(path: Path, *, start: float = 0.0, count: int | None = None, f
     frames = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
+        if start > 0 and stream.time_base:
+            # shared v3.0 file: jump to the keyframe at or before the episode (a tick early, as LeRobot does)
+            container.seek(max(0, round(start / stream.time_base) - 1), stream=stream, backward=True, any_frame=False)
         for frame in container.decode(stream):
             if count is not None:
                 # frame slot relative to the episode start; rounding absorbs the container's time-base jitter
@@ -796,7 +943,8 @@ def validate_episode_files(root: Path, episode_index: int, *, min_length: int = 
 
 
 def import_lerobot(src: Path, dst: Path, *, embodiment: str, min_length: int = 1) -> dict:
-    """Import a local LeRobot dataset into a fresh v2.1 dataset at ``dst``, quarantining bad episodes.
+    """Import a local LeRobot dataset (v2.0 / v2.1 / v3.0) into a fresh v3.0 dataset at ``dst``, quarantining bad
+    episodes.
 
     Every episode is validated (see ``LeRobotDataset.load_checked``); good ones are re-written through
     ``write_lerobot_dataset`` with ``embodiment`` (the adapter key for this robot, which overrides any per-episode

@@ -280,6 +280,8 @@ def collect_task(
                         "rotated_180": [c for c in rig.cameras if rig.rotate[c]],
                         "action_scale": float(env.action_scale),
                     },
+                    state_names=STATE_KEYS,
+                    action_names=ACTION_KEYS,
                 )
             )
             if progress is not None:

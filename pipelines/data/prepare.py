@@ -19,7 +19,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from model.normalization import ActionNormalizer
 from pipelines.data.embodiments import get_adapter
@@ -82,7 +81,7 @@ def prepare(
         versions[root.name] = dataset_version(root)
         for idx in good:
             meta = ds.episode_meta(idx)
-            table = pd.read_parquet(ds.data_file(idx))
+            table = ds.frame_table(idx).to_pandas()  # this episode's rows (v3.0 files hold many episodes)
             actions = np.stack(table["action"].to_numpy()).astype(np.float32)
             state = np.stack(table["observation.state"].to_numpy()).astype(np.float32)
             embodiment = meta["embodiment"]

@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval-seed", type=int, default=1, help="benchmark seed of the goal positions (demos use 0)")
     ev.add_argument("--control-rate-hz", type=float, default=None, help="pace the env in real time (wall-time runs)")
     ev.add_argument("--videos", type=int, default=1, help="rollout videos per task (real next to imagined)")
-    ev.add_argument("--out", type=Path, default=None, help="write the report JSON here (dvc metrics)")
+    ev.add_argument("--out", type=Path, default=None,
+                    help="write the report JSON here (dvc metrics), and beside it <name>.csv (success per task) and "
+                         "<name>-latency.csv (planning latency per task) for dvc plots")
     ev.add_argument("--no-gate", dest="gate", action="store_false", help="report only; never touch the registry")
     ev.add_argument("--no-fail", action="store_true",
                     help="exit 0 when the gate rejects (the decision is in the report and MLflow); for pipelines")
@@ -30,13 +32,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under the data dir)")
     ev.set_defaults(func=evaluate_command)
 
-    pr = sub.add_parser("promote", help="move registry aliases by hand")
-    pr.add_argument("--rollback", action="store_true", required=True, help="restore previous-champion as champion")
+    pr = sub.add_parser("promote", help="show or move registry aliases by hand (champion, rollback)",
+                        description="Aliases of lingbot-va-<task> (or --name): --show lists them; --version N "
+                                    "points --alias (default champion) at version N, keeping the replaced champion "
+                                    "as previous-champion; --rollback makes previous-champion the champion again.")
     who = pr.add_mutually_exclusive_group(required=True)
-    who.add_argument("--task", help="the task whose lingbot-va-<task> model to roll back")
+    who.add_argument("--task", help="the task whose lingbot-va-<task> model to act on")
     who.add_argument("--name", help="registered model name")
-    pr.add_argument("--data-dir", type=Path, default=None)
-    pr.add_argument("--tracking-uri", default=None)
+    what = pr.add_mutually_exclusive_group(required=True)
+    what.add_argument("--show", action="store_true", help="print the aliases and versions (JSON)")
+    what.add_argument("--version", help="the version to point --alias at")
+    what.add_argument("--rollback", action="store_true", help="restore previous-champion as champion")
+    pr.add_argument("--alias", default="champion", help="alias that --version moves (default: champion; moving "
+                                                        "champion keeps the old one as previous-champion)")
+    pr.add_argument("--data-dir", type=Path, default=None, help="data root (MLflow store)")
+    pr.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under the data dir)")
     pr.set_defaults(func=promote_command)
 
 
@@ -51,7 +61,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     import mlflow
     from tqdm import tqdm
 
-    from pipelines.evaluate.rollout import evaluate, table
+    from pipelines.evaluate.rollout import evaluate, plot_csv, table
     from pipelines.train.registry import resolve_model
 
     settings = _settings(args)
@@ -83,18 +93,29 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+        success, latency = plot_csv(report)
+        args.out.with_suffix(".csv").write_text(success)
+        args.out.with_name(f"{args.out.stem}-latency.csv").write_text(latency)
     return code
 
 
 def promote_command(args: argparse.Namespace) -> int:
     import mlflow
 
-    from pipelines.evaluate.gate import rollback
+    from pipelines.evaluate.gate import aliases, promote, rollback
     from pipelines.train.registry import registered_name_for
 
     settings = _settings(args)
     mlflow.set_tracking_uri(settings.uri)
+    client = mlflow.MlflowClient()
     name = args.name or registered_name_for("posttrain", args.task)
-    restored = rollback(mlflow.MlflowClient(), name)
-    print(f"{name}: champion is version {restored} again (the replaced one is now previous-champion)")
+    if args.show:
+        print(json.dumps({"registered_name": name, "aliases": aliases(client, name)}, indent=1))
+    elif args.rollback:
+        restored = rollback(client, name)
+        print(f"{name}: champion is version {restored} again (the replaced one is now previous-champion)")
+    else:
+        replaced = promote(client, name, args.version, alias=args.alias)
+        print(f"{name}: {args.alias} is version {args.version}"
+              + (f" (was {replaced}; now previous-champion)" if replaced and args.alias == "champion" else ""))
     return 0

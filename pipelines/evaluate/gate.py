@@ -361,6 +361,37 @@ def apply_decision(client: mlflow.MlflowClient, registered_name: str, candidate_
     client.set_registered_model_alias(registered_name, CHAMPION, version)
 
 
+def aliases(client: mlflow.MlflowClient, registered_name: str) -> dict[str, str]:
+    """Alias -> version of a registered model (ValueError when there is no model of that name)."""
+    return _aliases(client, registered_name)
+
+
+def promote(client: mlflow.MlflowClient, registered_name: str, version: str | int, alias: str = CHAMPION) -> str | None:
+    """Point ``alias`` at ``version`` by hand; returns the version it pointed to before (None if unset).
+
+    Moving ``champion`` keeps the replaced champion as ``previous-champion`` (set first, as the gate does, so a crash
+    in between leaves both on the old one) and tags the version ``promoted.by_hand``: the gate's tags stay what the
+    gate decided. ``previous-champion`` itself is not an alias to set here (``--rollback`` manages it).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if alias == PREVIOUS_CHAMPION:
+        raise ValueError(f"{PREVIOUS_CHAMPION!r} follows the champion; use --rollback, or move 'champion'")
+    current = _aliases(client, registered_name)
+    version = str(version)
+    try:
+        client.get_model_version(registered_name, version)
+    except MlflowException:
+        raise ValueError(f"{registered_name} has no version {version}") from None
+    old = current.get(alias)
+    if alias == CHAMPION and old is not None and old != version:
+        client.set_registered_model_alias(registered_name, PREVIOUS_CHAMPION, old)
+    client.set_registered_model_alias(registered_name, alias, version)
+    if alias == CHAMPION:
+        client.set_model_version_tag(registered_name, version, "promoted.by_hand", "true")
+    return old
+
+
 def rollback(client: mlflow.MlflowClient, registered_name: str) -> str:
     """Make ``previous-champion`` the champion again (the current champion becomes ``previous-champion``).
 
@@ -392,14 +423,20 @@ def _metric(value: Any) -> float | None:
 
 
 def record_decision(report: Mapping, decision: Decision, settings: GateSettings, videos: Sequence[Path] = (),
-                    table_path: Path | None = None) -> str:
+                    table_path: Path | None = None, candidate: Any = None) -> str:
     """Log the evaluation and the decision as a run in experiment ``lingbot-gate``; returns its run id.
 
-    Params: the model (uri, name, version), mode, episodes, seeds and the gate settings. Metrics: ``avg_success``,
-    ``episodes``, ``nan_episodes``, ``errors`` and per task ``success/<task>``, ``progress/<task>``,
-    ``steps_to_success/<task>`` (absent when no episode succeeded), ``episode_wall_s/<task>``. Artifacts: the
-    per-task table (``mlflow.log_table``, ``gate/tasks.json``), each video under ``videos/``, and ``table_path``
-    (an extra table file of the evaluator, e.g. per episode) under ``tables/``. Tags: ``decision.to_tags()``.
+    Params: the model version judged (``model_uri`` = ``models:/<name>/<version>``; ``requested_model_uri`` = what
+    the evaluator was asked for, e.g. the ``@challenger`` alias), mode, episodes, seeds and the gate settings.
+    Metrics: ``avg_success``, ``episodes``, ``nan_episodes``, ``errors`` and per task ``success/<task>``,
+    ``progress/<task>``, ``steps_to_success/<task>`` (absent when no episode succeeded), ``episode_wall_s/<task>``;
+    with ``candidate`` (the registry's ``ModelVersion``) they are also the metrics of its LoggedModel, so
+    ``mlflow.search_logged_models(filter_string="metrics.avg_success > 0.5")`` finds judged models. Lineage
+    (``candidate``): the LoggedModel as a model input, the training run's dataset inputs (the DVC hashes of its
+    data) re-logged, tags ``training_run_id``, ``model_id``, ``dvc.<name>``, ``git_commit`` and the pipeline's parent
+    run. Artifacts: the per-task table (``mlflow.log_table``, ``gate/tasks.json``), each video under ``videos/``, and
+    ``table_path`` (an extra table file of the evaluator, e.g. per episode) under ``tables/``. Tags:
+    ``decision.to_tags()``.
     """
     videos = [Path(v) for v in videos]
     missing = [str(p) for p in [*videos, *([Path(table_path)] if table_path else [])] if not p.is_file()]
@@ -410,8 +447,10 @@ def record_decision(report: Mapping, decision: Decision, settings: GateSettings,
     tasks = {name: t for name, t in (report.get("tasks") or {}).items() if isinstance(t, Mapping)}
     name, version = report.get("registered_name"), report.get("model_version")
     run_name = f"gate-{name}-v{version}" if name and version is not None else "gate"
+    judged = f"models:/{name}/{version}" if name and version is not None else report.get("model_uri")
     params = {
-        "model_uri": report.get("model_uri"), "registered_name": name, "model_version": version,
+        "model_uri": judged, "requested_model_uri": report.get("model_uri"), "registered_name": name,
+        "model_version": version,
         "mode": report.get("mode"), "episodes": _episodes(report), "seeds": list(report.get("seeds") or []),
         "tasks": sorted(tasks),
         "gate": settings.model_dump(include={"min_success", "max_regression", "confidence", "require_no_nan"}),
@@ -432,9 +471,17 @@ def record_decision(report: Mapping, decision: Decision, settings: GateSettings,
     table = {"task": list(tasks), **{c: [_finite_or_none(t.get(c)) for t in tasks.values()] for c in columns}}
 
     tags = {**decision.to_tags(), REPORT_TAG: compact_report(report)}
+    training = _training_lineage(candidate, settings)
+    tags.update(training["tags"])
     with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=tags) as run:
         mlflow.log_params(flatten_params(params))
-        mlflow.log_metrics(metrics)
+        # with the LoggedModel's id they are also that model's metrics (searchable with search_logged_models)
+        mlflow.log_metrics(metrics, model_id=training["model_id"])
+        if training["inputs"] or training["model_id"]:
+            from mlflow.entities import LoggedModelInput
+
+            models = [LoggedModelInput(training["model_id"])] if training["model_id"] else None
+            mlflow.MlflowClient().log_inputs(run.info.run_id, datasets=training["inputs"] or None, models=models)
         if tasks:
             mlflow.log_table(table, artifact_file="gate/tasks.json")
         for video in videos:
@@ -442,6 +489,36 @@ def record_decision(report: Mapping, decision: Decision, settings: GateSettings,
         if table_path:
             mlflow.log_artifact(str(table_path), "tables")
         return run.info.run_id
+
+
+def _training_lineage(candidate: Any, settings: GateSettings) -> dict[str, Any]:
+    """What links a gate run to the judged version's training: its LoggedModel id, the training run's dataset
+    inputs (DVC hashes), and tags (training run, ``dvc.<name>`` of that run, git commit, pipeline parent run)."""
+    from pipelines.lineage import PARENT_TAG, git_commit
+
+    out: dict[str, Any] = {"model_id": None, "inputs": [], "tags": {}}
+    commit = git_commit()
+    if commit:
+        out["tags"]["git_commit"] = commit
+    if candidate is None:
+        return out
+    # ModelVersion.model_id is not filled by every store (sqlite leaves it None); its source is models:/<model id>
+    source = str(getattr(candidate, "source", "") or "")
+    out["model_id"] = getattr(candidate, "model_id", None) or (source.removeprefix("models:/")
+                                                               if source.startswith("models:/m-") else None)
+    if out["model_id"]:
+        out["tags"]["model_id"] = out["model_id"]
+    if candidate.run_id:
+        out["tags"]["training_run_id"] = candidate.run_id
+        try:
+            run = mlflow.MlflowClient().get_run(candidate.run_id)
+        except mlflow.exceptions.MlflowException:  # the training run was deleted: the version alone is still judged
+            return out
+        out["inputs"] = list(run.inputs.dataset_inputs) if run.inputs else []
+        for key, value in run.data.tags.items():
+            if key.startswith("dvc.") or key in ("data_version", PARENT_TAG):
+                out["tags"][key] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,7 +559,8 @@ def gate(report: Mapping, settings: GateSettings, videos: Sequence[Path] = (),
     decision = decide(report, champion, settings)
     if decision.champion_version is None and champion_version is not None:
         decision = replace(decision, champion_version=champion_version)
-    run_id = record_decision(report, decision, settings, videos=videos, table_path=table_path)
+    candidate = client.get_model_version(name, version)
+    run_id = record_decision(report, decision, settings, videos=videos, table_path=table_path, candidate=candidate)
     apply_decision(client, name, version, decision, report, run_id=run_id)
     return decision
 
@@ -493,12 +571,14 @@ __all__ = [
     "PREVIOUS_CHAMPION",
     "Decision",
     "GateSettings",
+    "aliases",
     "apply_decision",
     "candidate_ref",
     "champion_report",
     "compact_report",
     "decide",
     "gate",
+    "promote",
     "record_decision",
     "regression_allowance",
     "rollback",

@@ -93,6 +93,13 @@ class ChunkPolicy:
     def steps_per_chunk(self) -> int:
         return self.chunk_size * self.tau
 
+    def native_actions(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """A plan's unified actions (N, 30), native units, as the robot's commands (N, A) against its state (S,)
+        at planning time, clipped to the embodiment's limits: what a robot executes."""
+        unified = np.asarray(unified, np.float64)
+        states = np.repeat(np.asarray(state, np.float64).reshape(1, -1), len(unified), axis=0)
+        return self.adapter.clip_actions(self.adapter.to_native(unified, states)).astype(np.float32)
+
     def episode(self, task: str, seed: int) -> EpisodePolicy:
         if task not in self.text:
             raise ValueError(f"the model has no instruction embedding for task {task!r}; it knows {self.tasks}")

@@ -278,6 +278,18 @@ def summarize(results: list[dict], *, mode: str, eval_seed: int, wall_s: float |
     }
 
 
+def plot_csv(report: dict) -> tuple[str, str]:
+    """The evaluate stages' ``dvc plots`` data, one row per task: (success: task, success_rate, progress,
+    episodes; latency: task, plan_ms_p50 (one chunk's planning), episode_wall_s)."""
+    def rows(columns: tuple[str, ...]) -> str:
+        lines = [",".join(("task", *columns))]
+        for name, t in report["tasks"].items():
+            lines.append(",".join([name, *("" if t.get(c) is None else str(t.get(c)) for c in columns)]))
+        return "\n".join(lines) + "\n"
+
+    return rows(("success_rate", "progress", "episodes")), rows(("plan_ms_p50", "episode_wall_s"))
+
+
 def table(report: dict) -> str:
     """The per-task table as aligned text."""
     head = f"{'task':<26}{'success':>9}{'progress':>10}{'steps':>8}{'wall s':>8}{'nan':>5}{'err':>5}"

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_* env vars, then defaults
-    "preset": (str, "model preset"),
+    "preset": (str, "model preset (tiny, small, paper-5.3b)"),
     "task": (str, "post-training task"),
-    "init_from": (Path, "model directory to start from (post-training)"),
+    "init_from": (str, "model directory or models:/<name>@<alias> to start from (post-training)"),
     "data_dir": (Path, "data root (latents, feast, runs, mlflow)"),
     "latents_dir": (Path, "encoded latents"),
     "run_dir": (Path, "checkpoints + final model"),
@@ -33,18 +33,53 @@ _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_*
 }
 
 
+def _default(stage: str, name: str) -> str:
+    """What an unset flag means for ``stage``: LINGBOT_TRAIN_<NAME>, else the stage's or the field's default."""
+    from pipelines.train.settings import STAGE_DEFAULTS, TrainSettings
+
+    field = TrainSettings.model_fields[name]
+    value = STAGE_DEFAULTS[stage].get(name, field.default)
+    env = f"LINGBOT_TRAIN_{name.upper()}"
+    return f"default: ${env}, else {value}" if value is not None else f"default: ${env}, else unset"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="pre-train or post-train with DeepSpeed, tracked in MLflow")
-    train.add_argument("stage", choices=["pretrain", "posttrain"])
-    for name, (typ, help_) in _FLAGS.items():
-        train.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
-    train.add_argument("--activation-checkpointing", action="store_true", default=None)
-    train.add_argument("--no-register", dest="register_model", action="store_false", default=None)
-    resume = train.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
-    resume.add_argument("--resume-if-present", dest="resume", action="store_const", const="auto",
-                        help="continue from the latest checkpoint if there is one, else start (restartable pods)")
-    train.set_defaults(func=run)
+    train = sub.add_parser("train", help="pre-train or post-train with DeepSpeed, tracked in MLflow",
+                           description="Train under torchrun (`torchrun --nproc_per_node N -m pipelines.cli train "
+                                       "...`); every run is tracked in MLflow and its model registered.")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="{pretrain,posttrain}")
+    for stage, help_ in (("pretrain", "pre-train on every task's latents (registers lingbot-va-base)"),
+                         ("posttrain", "post-train one task from a pretrained model (registers lingbot-va-<task>)")):
+        p = stages.add_parser(stage, help=help_, description=help_ + ". Unset flags fall back to LINGBOT_TRAIN_* "
+                              "environment variables / .env, then to the defaults shown.")
+        for name, (typ, flag_help) in _FLAGS.items():
+            if stage == "pretrain" and name in ("task", "init_from"):
+                continue
+            if stage == "posttrain" and name in ("task", "init_from"):
+                detail = f"required: the flag or $LINGBOT_TRAIN_{name.upper()}"
+            else:
+                detail = _default(stage, name)
+            p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                           help=f"{flag_help} ({detail})")
+        p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                       help="recompute each MoT layer in the backward pass (less memory, more compute)")
+        p.add_argument("--no-register", dest="register_model", action="store_false", default=None,
+                       help="do not log and register the final model in MLflow (default: register, alias challenger)")
+        resume = p.add_mutually_exclusive_group()
+        resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
+        resume.add_argument("--resume-if-present", dest="resume", action="store_const", const="auto",
+                            help="continue from the latest checkpoint if there is one, else start (restartable pods)")
+        p.set_defaults(func=run, task=None, init_from=None)
+
+
+def _validation_message(err) -> str:
+    """pydantic's errors as the flags the user gave: ``--steps: Input should be greater than or equal to 1``."""
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e.get("loc", ()))
+        message = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"--{field.replace('_', '-')}: {message}" if field else message)
+    return "; ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     try:
         settings = TrainSettings(stage=args.stage, **overrides)
-    except ValidationError as err:  # pydantic's message names the field; surface it as a user error
-        raise ValueError(str(err).replace("\n", " ")) from None
+    except ValidationError as err:  # one line naming the flag, not pydantic's report
+        raise ValueError(_validation_message(err)) from None
     summary = train(settings, resume=args.resume)
     import os
 

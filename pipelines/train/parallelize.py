@@ -24,15 +24,16 @@ def use_bf16(settings: TrainSettings) -> bool:
     return settings.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def deepspeed_config(settings: TrainSettings, world_size: int) -> dict:
-    """The DeepSpeed JSON config of a run (one packed micro-batch per rank per micro-step)."""
+def deepspeed_config(settings: TrainSettings, world_size: int, *, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config of a run (one packed micro-batch per rank per micro-step); ``load_universal`` for
+    an engine that resumes from a universal checkpoint (one saved at another world size)."""
     zero: dict = {"stage": settings.zero_stage}
     if settings.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
     if settings.zero_stage == 3:
         # gather every parameter on use; keeps small CPU runs simple (no persistent threshold surprises)
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": settings.grad_accum,
         "train_batch_size": settings.grad_accum * world_size,
@@ -42,6 +43,9 @@ def deepspeed_config(settings: TrainSettings, world_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 def lr_lambda(settings: TrainSettings):
@@ -80,7 +84,7 @@ def use_repo_ops_cache() -> None:
             pass
 
 
-def build_engine(model: torch.nn.Module, settings: TrainSettings, world_size: int):
+def build_engine(model: torch.nn.Module, settings: TrainSettings, world_size: int, *, load_universal: bool = False):
     """Wrap the model in a DeepSpeed engine with AdamW and the stage's schedule; returns (engine, ds_config)."""
     use_repo_ops_cache()
     import deepspeed
@@ -94,6 +98,6 @@ def build_engine(model: torch.nn.Module, settings: TrainSettings, world_size: in
         lr=settings.lr, betas=(settings.beta1, settings.beta2),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
-    config = deepspeed_config(settings, world_size)
+    config = deepspeed_config(settings, world_size, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine, config

@@ -4,36 +4,39 @@
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=ensure_experiment("lingbot-posttrain", data_dir)):
         version = log_and_register(model_dir, registered_name=registered_name_for("posttrain", "reach-v3"))
-    policy = load_registered("models:/lingbot-va-reach-v3@challenger")
-    out = policy.predict({"latents": z0, "text": emb, "seed": 0})   # {"actions": (K*tau, 30), "video": (K, C, H, W)}
+    policy = mlflow.pyfunc.load_model("models:/lingbot-va-reach-v3@champion")
+    example = policy.input_example                      # what a robot sends: camera frames, state, instruction
+    out = policy.predict(example, params={"seed": 0})  # {"actions": (N, K*tau, A) native, "unified_actions": ...}
 
 The logged model is an MLflow pyfunc (``LingBotPyfunc``) whose only artifact is the ``save_pretrained`` directory
-(weights, config, normalisation stats and action space), so what is served is exactly what training wrote.
+(weights, config, normalisation stats, action space, the VAE and the instruction embeddings), so what is served is
+exactly what training wrote; it runs the same ``pipelines.evaluate.policy.ChunkPolicy`` as the gate and the policy
+server (camera frames -> VAE latents -> one chunk -> the embodiment's native actions).
 
 MLflow 3.17 behaviours this module relies on or works around:
   * ``log_model(name=...)``: ``artifact_path`` is deprecated in 3.x; the model becomes a LoggedModel (``models:/m-...``)
     linked to the run, and ``registered_model_name`` registers that LoggedModel as a new version.
   * A LoggedModel goes to the *active run's* experiment; with no active run it goes to the current experiment
     (``"0"``/Default unless one is set), not to the run's, so ``log_and_register(run_id=...)`` resumes the run first.
-  * ``pip_requirements`` is given explicitly: otherwise MLflow infers them by loading the model in a subprocess
-    (slow, and it imports the whole model stack once more).
-  * No signature and no input example: the input is a dict of ragged, partly optional arrays that MLflow's column
-    schemas cannot describe; ``predict`` validates it itself (``ValueError`` naming the field). Without a signature
-    PyFuncModel passes the input through unchanged, and a ``dict`` is a valid pyfunc output (``PyFuncOutput``
-    includes ``dict[str, Any]``), which the scoring server serialises as ``{"predictions": {...}}``.
+  * Signature: a tensor-based schema (``TensorSpec``; a ``str`` tensor carries the instruction) with the batch as
+    the first dimension, and a ``ParamSchema`` for ``seed``. MLflow enforces it on ``PyFuncModel.predict`` (dtypes,
+    shapes; the scoring server converts JSON to these dtypes) and the input example is saved with the model
+    (``input_example.json`` + ``serving_input_example.json``) and checked against the model at log time.
+  * ``code_paths``: the ``model`` and ``pipelines`` packages are copied into the logged model (``code/``) and put on
+    ``sys.path`` when it loads, so ``mlflow.pyfunc.load_model`` works where this project is not installed; the pip
+    requirements name the third-party packages those modules import, pinned to this environment's versions (given
+    explicitly: inferring them loads the model once more in a subprocess).
   * With a sqlite tracking URI, experiments created without an ``artifact_location`` store artifacts under
     ``./mlruns`` of whatever directory the process runs in; ``ensure_experiment`` pins them under the data dir.
-  * The pickled pyfunc refers to this module by import path: the environment that loads the model needs the
-    ``lingbot-va-platform`` package installed (the serving image does), it is not on PyPI so it is not a pip
-    requirement of the logged model.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -42,10 +45,11 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from model.config import ACTION_DIM
-from model.lingbot_va import LingBotVA, read_checkpoint_meta
+from model.lingbot_va import read_checkpoint_meta
 from model.normalization import ActionNormalizer
 
 try:  # MLflow's own limit, so a param never fails to log; the constant is internal, hence the fallback
@@ -53,11 +57,22 @@ try:  # MLflow's own limit, so a param never fails to log; the constant is inter
 except ImportError:  # pragma: no cover - only if MLflow moves it
     MAX_PARAM_VAL_LENGTH = 6000
 
+logger = logging.getLogger(__name__)
+
 MODEL_DIR_ARTIFACT = "model_dir"
 """Key of the model directory in ``context.artifacts`` (MLflow copies it to ``artifacts/<dir name>`` in the model)."""
 LOGGED_MODEL_NAME = "model"
 """``name`` of the logged pyfunc within its run."""
 REGISTERED_NAMES = {"pretrain": "lingbot-va-base", "posttrain": "lingbot-va-{task}"}
+INPUTS = ("images", "state", "instruction")
+"""The pyfunc's input fields (its signature's names); anything else in a request is an error."""
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CODE_PACKAGES = ("model", "pipelines")
+"""The project's packages the pyfunc imports, copied into every logged model (``code_paths``)."""
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "diffusers", "transformers", "pydantic",
+                "pydantic-settings", "pyarrow", "pyyaml")
+"""Third-party distributions the pyfunc's load and predict path imports (``model``, ``pipelines.evaluate.policy``,
+``pipelines.data.embodiments`` / ``features``, ``pipelines.train.tracking`` / ``settings``)."""
 
 # Registered model names may not contain "/" or ":" (MLflow); keep task names to a plain slug so that
 # "models:/lingbot-va-<task>@alias" URIs need no quoting either.
@@ -69,95 +84,121 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class LingBotPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc that runs one LingBot-VA inference session step: observe a frame, predict one chunk.
+    """MLflow pyfunc: the first action chunk of an episode from what a robot sends at its start.
 
-    ``predict`` input: a ``dict`` (or a one-row ``pandas.DataFrame`` whose cells hold the values), as Python
-    lists or numpy arrays (the scoring server's ``{"inputs": {...}}`` form gives numpy arrays):
-      latents      (F, C, H, W) float, required: the observation history; only the first frame is observed
-                   (later frames would need the executed actions that led to them)
-      text         (T, text_dim) float instruction embedding (also (text_dim,) or (1, T, text_dim));
-                   default: one all-zero token, i.e. the unconditional policy
-      action_mask  (30,) bool / 0-1: channels of the embodiment; default: the checkpoint's (feature snapshot
-                   ``embodiment.action_mask``, ``action_space["action_mask"]`` or ``["active_channels"]``), else all
-      embodiment   str: which embodiment's stats to use when the checkpoint holds several
-      seed         int, default 0: the noise of the flow sampler; the same seed gives the same output
-    ``predict`` output: ``{"actions": (K*tau, 30) nested list, "video": (K, C, H, W) nested list}``; actions are in
-    native units when the checkpoint has normalisation stats (masked channels stay 0), else in normalised units.
-    ``params`` is ignored: the model is logged without a params schema, so MLflow drops params before this call.
+    ``predict`` input (a batch of N robots; a dict of arrays, or a one-row ``pandas.DataFrame`` of one robot):
+      images       uint8 (N, V, H, W, 3): one RGB frame per camera, in the model's camera order (the signature's
+                   shape fixes V, H and W); (V, H, W, 3) is taken as N = 1
+      state        float32 (N, S): the robot's proprioceptive state with those frames (S: the embodiment's)
+      instruction  str (N,): the task to perform, one the model was trained on (``policy.tasks``)
+    ``params``: ``seed`` (int, default 0), the noise of the flow sampler: the same seed gives the same chunk.
+    ``predict`` output: ``{"actions": float32 (N, K*tau, A), "unified_actions": float32 (N, K*tau, 30)}``: the
+    chunk in the robot's native action space (clipped to its limits, what it executes) and in the unified space.
+    Unknown input fields, wrong shapes and unknown instructions raise ``ValueError`` naming them. Later chunks need
+    the executed actions and new frames of a running episode: that is the policy server's session protocol.
     """
 
-    # Opt out of MLflow's type-hint wrapping of ``predict``: its validation accepts only list[...] hints (a dict hint
-    # fails at log time) and an unannotated predict warns at class creation; inputs are validated here instead.
+    # Opt out of MLflow's type-hint wrapping of ``predict``: the signature logged with the model describes the
+    # input, and MLflow enforces it before this is called.
     _skip_type_hint_validation = True
 
     def __init__(self) -> None:
-        self.model = None  # set in load_context; the pickled instance stays tiny (weights live in the artifact)
-        self.stats: dict[str | None, tuple[ActionNormalizer, np.ndarray | None]] = {}
-        self.default_mask: np.ndarray | None = None
+        self.policy = None  # set in load_context; the pickled instance stays tiny (weights live in the artifact)
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Load the model directory artifact on the CPU and resolve its normalisation stats and action mask."""
+        """Load the model directory artifact on the CPU (weights, VAE, instruction embeddings, stats)."""
         self.load_model_dir(context.artifacts[MODEL_DIR_ARTIFACT])
 
     def load_model_dir(self, model_dir: str | Path) -> None:
         """Load a ``save_pretrained`` directory directly (what ``load_context`` does; usable without MLflow)."""
-        self.model = LingBotVA.from_pretrained(model_dir, map_location="cpu").eval()
-        meta = self.model.checkpoint_meta
-        self.stats = parse_normalization(meta.get("normalization"))
-        self.default_mask = _mask_from_action_space(meta.get("action_space"))
+        from pipelines.evaluate.policy import ChunkPolicy  # lazy: it imports this module
+
+        self.policy = ChunkPolicy(model_dir, device="cpu")
+
+    @property
+    def model(self):
+        """The ``LingBotVA`` network."""
+        return None if self.policy is None else self.policy.model
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext | None, model_input,
-                params: dict[str, Any] | None = None) -> dict[str, list]:
-        """Predict one chunk from the first latent frame (see the class docstring for input and output)."""
-        if self.model is None:
+                params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """One chunk per robot of the batch (see the class docstring for input, params and output)."""
+        if self.policy is None:
             raise ValueError("the pyfunc has no model loaded; load it with mlflow.pyfunc.load_model")
+        p = self.policy
         request = _as_request(model_input)
-        c = self.model.config
-        latents = _float_array(request, "latents", required=True)
-        if latents.ndim != 4 or latents.shape[1] != c.latent_channels:
-            raise ValueError(f"latents must be (F, {c.latent_channels}, H, W) (F frames of {c.latent_channels} latent "
-                             f"channels), got shape {latents.shape}")
-        if latents.shape[0] < 1:
-            raise ValueError("latents must hold at least one frame")
-        text = _float_array(request, "text")
-        if text is None:
-            text = np.zeros((1, c.text_dim), np.float32)
-        text = text.reshape(1, -1) if text.ndim == 1 else (text[0] if text.ndim == 3 and text.shape[0] == 1 else text)
-        if text.ndim != 2 or text.shape[1] != c.text_dim or text.shape[0] < 1:
-            raise ValueError(f"text must be a (T, {c.text_dim}) embedding, got shape {text.shape}")
-        normalizer, stats_mask = self._stats_for(request.get("embodiment"))
-        mask = _action_mask(request.get("action_mask"), stats_mask, self.default_mask, c.action_channels)
-        seed = _seed(request.get("seed"))
+        unknown = sorted(set(request) - set(INPUTS))
+        if unknown:
+            raise ValueError(f"unknown input fields {unknown}: this model takes {list(INPUTS)}")
+        missing = [k for k in INPUTS if k not in request]
+        if missing:
+            raise ValueError(f"model_input lacks {missing}: a request holds camera images, the robot state and the "
+                             "instruction")
+        images = np.asarray(request["images"])
+        if images.ndim == 4:
+            images = images[None]
+        views, size = len(p.cameras), p.image_size
+        if (images.ndim != 5 or images.shape[1] != views or images.shape[-1] != 3
+                or (size is not None and images.shape[2:4] != (size, size))):
+            raise ValueError(f"images must be (N, {views}, {size or 'H'}, {size or 'W'}, 3) uint8 frames of cameras "
+                             f"{list(p.cameras)}, got shape {images.shape}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 RGB, got {images.dtype}")
+        n = len(images)
+        state = np.asarray(request["state"], dtype=np.float32).reshape(n, -1) if np.size(request["state"]) else None
+        width = p.adapter.spec.state_dim
+        if state is None or state.shape != (n, width) or not np.isfinite(state).all():
+            raise ValueError(f"state must be {n} finite row(s) of {width} ({p.adapter.name}'s state), got "
+                             f"{np.shape(request['state'])}")
+        instructions = [str(x) for x in np.asarray(request["instruction"], dtype=object).reshape(-1)]
+        if len(instructions) != n:
+            raise ValueError(f"instruction must hold one task per robot ({n}), got {len(instructions)}")
+        seed = _seed((params or {}).get("seed"))
+        episodes = [p.episode(task, seed=seed) for task in instructions]  # ValueError for an unknown task
+        for episode, frames in zip(episodes, images, strict=True):
+            episode.start(frames)
+        unified, native = [], []
+        for plan, robot_state in zip(p.plan_many(episodes), state, strict=True):
+            if not np.isfinite(plan.actions).all():
+                raise ValueError("the model produced non-finite actions")
+            unified.append(plan.actions.astype(np.float32))
+            native.append(p.native_actions(plan.actions, robot_state))
+        return {"actions": np.stack(native), "unified_actions": np.stack(unified)}
 
-        session = self.model.session(torch.from_numpy(text), torch.from_numpy(mask),
-                                     generator=torch.Generator().manual_seed(seed))
-        session.observe(torch.from_numpy(np.ascontiguousarray(latents[:1])))
-        video, actions = session.predict_chunk()
-        actions = actions.float().numpy()
-        if normalizer is not None:
-            # training targets were clipped to [-clip, clip]; beyond that the policy extrapolates
-            actions = normalizer.denormalize(np.clip(actions, -normalizer.clip, normalizer.clip))
-            actions = np.where(mask[None, :], actions, 0.0).astype(np.float32)  # absent channels stay 0
-        return {"actions": actions.tolist(), "video": video.float().numpy().tolist()}
 
-    def _stats_for(self, embodiment: Any) -> tuple[ActionNormalizer | None, np.ndarray | None]:
-        """Normaliser and feature-store mask of the requested (or only) embodiment; (None, None) without stats."""
-        if embodiment is not None:
-            embodiment = _scalar(embodiment, "embodiment")
-            if not isinstance(embodiment, str):
-                raise ValueError(f"embodiment must be a string, got {embodiment!r}")
-        if not self.stats:
-            return None, None
-        if None in self.stats:  # stats of one unnamed embodiment: nothing to check a given name against
-            return self.stats[None]
-        if embodiment is None:
-            if len(self.stats) > 1:
-                raise ValueError(f"this checkpoint has action stats for several embodiments {sorted(self.stats)}; "
-                                 "pass 'embodiment'")
-            return next(iter(self.stats.values()))
-        if embodiment not in self.stats:
-            raise ValueError(f"unknown embodiment {embodiment!r}: this checkpoint has stats for {sorted(self.stats)}")
-        return self.stats[embodiment]
+def policy_signature(policy) -> ModelSignature:
+    """The pyfunc's signature for a loaded ``ChunkPolicy``: tensor inputs with the batch first, a ``seed`` param."""
+    views, size, width = len(policy.cameras), policy.image_size or -1, policy.adapter.spec.state_dim
+    steps, native = policy.steps_per_chunk, policy.adapter.spec.native_action_dim
+    inputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, views, size, size, 3), "images"),
+                     TensorSpec(np.dtype(np.float32), (-1, width), "state"),
+                     TensorSpec(np.dtype(str), (-1,), "instruction")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, steps, native), "actions"),
+                      TensorSpec(np.dtype(np.float32), (-1, steps, ACTION_DIM), "unified_actions")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("seed", "long", 0)]))
+
+
+def synthetic_example(policy) -> dict[str, np.ndarray]:
+    """A well-formed one-robot request for ``policy`` (mid-grey frames, zero state, its first task), used as the
+    input example when no recorded observation is at hand."""
+    size = policy.image_size or 64
+    return {"images": np.full((1, len(policy.cameras), size, size, 3), 128, np.uint8),
+            "state": np.zeros((1, policy.adapter.spec.state_dim), np.float32),
+            "instruction": np.array([policy.tasks[0]])}
+
+
+def describe(policy, registered_name: str) -> str:
+    """A model description for the registry: what the model is, what it takes and what it returns."""
+    tasks = ", ".join(policy.tasks)
+    return (f"LingBot-VA video-action world model `{registered_name}` for embodiment {policy.adapter.name} "
+            f"(tasks: {tasks}). Input, per robot: `images` uint8 (N, {len(policy.cameras)}, H, W, 3), one RGB frame "
+            f"per camera in the order {list(policy.cameras)}; `state` float32 (N, {policy.adapter.spec.state_dim}); "
+            f"`instruction` str (N,), one of the tasks. Param `seed` (int, default 0). Output: `actions` float32 "
+            f"(N, {policy.steps_per_chunk}, {policy.adapter.spec.native_action_dim}), the first chunk in the "
+            f"robot's native action space at {policy.adapter.spec.control_rate_hz:g} Hz, and `unified_actions` "
+            f"(N, {policy.steps_per_chunk}, 30). Later chunks of an episode need its executed actions and frames: "
+            "serve it with `lingbot serve` (KServe V2 sessions). Load: `mlflow.pyfunc.load_model(uri)`; "
+            "`model.input_example` is a request.")
 
 
 def parse_normalization(norm: Mapping | None) -> dict[str | None, tuple[ActionNormalizer, np.ndarray | None]]:
@@ -204,58 +245,31 @@ def _mask_from_action_space(space: Mapping | None) -> np.ndarray | None:
 
 
 def _as_request(model_input: Any) -> dict[str, Any]:
-    """A dict request from a dict or a one-row DataFrame (missing cells of a DataFrame count as absent)."""
+    """A dict request from a dict or a one-row DataFrame (one robot)."""
     if isinstance(model_input, pd.DataFrame):
         if len(model_input) != 1:
-            raise ValueError(f"model_input DataFrame must have exactly one row (one request), got {len(model_input)}")
+            raise ValueError(f"model_input DataFrame must have exactly one row (one robot), got {len(model_input)}; "
+                             "send a batch as a dict of arrays")
         row = model_input.iloc[0].to_dict()
-        return {k: v for k, v in row.items() if not (v is None or (isinstance(v, float) and math.isnan(v)))}
+        return {k: [v] if k == "instruction" else np.asarray(v)[None] for k, v in row.items() if v is not None}
     if isinstance(model_input, Mapping):
         return {k: v for k, v in model_input.items() if v is not None}
-    raise ValueError(f"model_input must be a dict or a one-row pandas DataFrame, got {type(model_input).__name__}")
-
-
-def _float_array(request: Mapping, key: str, required: bool = False) -> np.ndarray | None:
-    if key not in request:
-        if required:
-            raise ValueError(f"model_input lacks '{key}'")
-        return None
-    try:
-        a = np.asarray(request[key], dtype=np.float32)
-    except (TypeError, ValueError) as err:  # ragged nested lists or non-numbers
-        raise ValueError(f"{key} must be a rectangular array of numbers ({err})") from err
-    if not np.isfinite(a).all():
-        raise ValueError(f"{key} contains NaN or inf")
-    return a
-
-
-def _scalar(value: Any, key: str) -> Any:
-    """A scalar from a plain value, a 0-d/1-element array or list (the scoring server wraps scalars)."""
-    if isinstance(value, (list, tuple, np.ndarray)):
-        a = np.asarray(value)
-        if a.size != 1:
-            raise ValueError(f"{key} must be a single value, got shape {a.shape}")
-        value = a.reshape(-1)[0]
-    return value.item() if isinstance(value, np.generic) else value
+    raise ValueError(f"model_input must be a dict of arrays or a one-row pandas DataFrame, got "
+                     f"{type(model_input).__name__}")
 
 
 def _seed(value: Any) -> int:
     if value is None:
         return 0
-    value = _scalar(value, "seed")
+    if isinstance(value, (list, tuple, np.ndarray)):
+        a = np.asarray(value)
+        if a.size != 1:
+            raise ValueError(f"seed must be a single integer, got shape {a.shape}")
+        value = a.reshape(-1)[0]
+    value = value.item() if isinstance(value, np.generic) else value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
         raise ValueError(f"seed must be an integer, got {value!r}")
     return int(value)
-
-
-def _action_mask(given: Any, stats_mask: np.ndarray | None, default: np.ndarray | None, channels: int) -> np.ndarray:
-    if given is None:
-        mask = stats_mask if stats_mask is not None else default
-        return np.ones(channels, bool) if mask is None else np.asarray(mask, bool)
-    a = np.asarray(given)
-    if a.shape != (channels,) or not np.isin(a, (0, 1)).all():
-        raise ValueError(f"action_mask must be {channels} bools or 0/1 values, got shape {a.shape}")
-    return a.astype(bool)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,22 +296,34 @@ def registered_name_for(stage: str, task: str | None = None, objective: str = "w
 
 
 def _pip_requirements() -> list[str]:
-    """What loading the model needs beyond the platform package itself, pinned to this environment's versions."""
+    """``REQUIREMENTS`` pinned to this environment's versions (the project itself travels as ``code_paths``)."""
     reqs = []
-    for pkg in ("mlflow", "torch", "safetensors", "numpy", "pandas"):
+    for pkg in REQUIREMENTS:
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")  # drop local labels such as torch's "+cpu"
-        except PackageNotFoundError:  # pragma: no cover - all are dependencies of this module
+        except PackageNotFoundError:  # pragma: no cover - all are dependencies of the platform
             reqs.append(pkg)
     return reqs
 
 
+def code_paths() -> list[str]:
+    """The project's packages as ``log_model(code_paths=...)`` takes them."""
+    return [str(REPO_ROOT / name) for name in CODE_PACKAGES]
+
+
 def log_and_register(model_dir: Path, *, registered_name: str, alias: str = "challenger",
-                     run_id: str | None = None) -> int:
+                     run_id: str | None = None, input_example: Mapping[str, np.ndarray] | None = None,
+                     metadata: Mapping[str, Any] | None = None) -> int:
     """Log ``model_dir`` as a pyfunc named "model" in the active run (or run ``run_id``), register it, alias it.
 
-    Returns the new version number of ``registered_name``; ``alias`` now points to it.
+    The logged model carries its signature (``policy_signature``), ``input_example`` (a recorded observation; by
+    default ``synthetic_example``), the project's code and pinned requirements, and ``metadata`` (e.g. the data
+    version); the registered model and the new version get a description (``describe``). Returns the new version
+    number of ``registered_name``; ``alias`` now points to it. A directory that cannot be served as a policy
+    (no VAE or instruction embeddings, several embodiments) is a ValueError before anything is logged.
     """
+    from pipelines.evaluate.policy import ChunkPolicy  # lazy: it imports this module
+
     model_dir = Path(model_dir)
     read_checkpoint_meta(model_dir)  # fail here, with a clear message, rather than after the slow upload
     active = mlflow.active_run()
@@ -305,31 +331,52 @@ def log_and_register(model_dir: Path, *, registered_name: str, alias: str = "cha
         raise ValueError("log_and_register needs an active MLflow run or a run_id")
     if run_id is not None and active is not None and active.info.run_id != run_id:
         raise ValueError(f"run_id {run_id} is not the active run {active.info.run_id}; end that run first")
+    policy = ChunkPolicy(model_dir)
+    example = synthetic_example(policy)
+    if input_example is not None:
+        check = LingBotPyfunc()
+        check.policy = policy
+        try:  # a recorded observation the model cannot take would be a misleading example
+            check.predict(None, dict(input_example))
+            example = dict(input_example)
+        except ValueError as err:
+            logger.warning("input example rejected (%s); logging a synthetic one", err)
+    description = describe(policy, registered_name)
 
-    def log() -> int:
+    def log() -> tuple[int, str]:
         info = mlflow.pyfunc.log_model(
             name=LOGGED_MODEL_NAME,
             python_model=LingBotPyfunc(),
             artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
             registered_model_name=registered_name,
             pip_requirements=_pip_requirements(),
+            code_paths=code_paths(),
+            signature=policy_signature(policy),
+            input_example=example,
+            metadata={"tasks": policy.tasks, "embodiment": policy.adapter.name, "cameras": list(policy.cameras),
+                      **(metadata or {})},
         )
-        return int(info.registered_model_version)
+        return int(info.registered_model_version), mlflow.active_run().info.run_id
 
     if active is not None:
-        number = log()
+        number, run = log()
     else:
         # resume the run: a LoggedModel logged outside an active run would land in the current experiment
         with mlflow.start_run(run_id=run_id):
-            number = log()
-    mlflow.MlflowClient().set_registered_model_alias(registered_name, alias, str(number))
+            number, run = log()
+    client = mlflow.MlflowClient()
+    if not client.get_registered_model(registered_name).description:
+        client.update_registered_model(registered_name, description=description)
+    client.update_model_version(registered_name, str(number), description=f"{description} Trained by run {run}.")
+    client.set_registered_model_alias(registered_name, alias, str(number))
     return number
 
 
 def load_registered(uri: str) -> mlflow.pyfunc.PyFuncModel:
     """``mlflow.pyfunc.load_model(uri)``, e.g. ``models:/lingbot-va-base@challenger``.
 
-    The ``LingBotVA`` itself is ``load_registered(uri).unwrap_python_model().model``.
+    The ``LingBotVA`` itself is ``load_registered(uri).unwrap_python_model().model``; the ``ChunkPolicy`` is
+    ``.unwrap_python_model().policy``.
     """
     return mlflow.pyfunc.load_model(uri)
 
@@ -358,9 +405,18 @@ def resolve_model(model: str | Path, data_dir: Path) -> tuple[Path, str | None, 
         raise ValueError(f"{text}: no such registered model version ({err.message.splitlines()[0]})") from None
     target = Path(data_dir).resolve() / "mlflow" / "models" / f"{name}-v{mv.version}"
     if not (target / "done").is_file():
-        shutil.rmtree(target, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(target))
-        (target / "done").write_text(str(mv.version))
+        # downloaded beside the target and moved in place: processes sharing the data dir (post-training tasks run
+        # in parallel on one volume) never see, nor write into, a half-downloaded version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(staging))
+        (staging / "done").write_text(str(mv.version))
+        if target.is_dir() and not (target / "done").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted download of an older release
+        try:
+            staging.rename(target)
+        except OSError:  # another process moved its copy in first
+            shutil.rmtree(staging, ignore_errors=True)
     dirs = [p.parent for p in target.glob("artifacts/*/config.json")]
     if len(dirs) != 1:
         raise ValueError(f"{text} (version {mv.version}) holds {len(dirs)} model directories, expected one")
@@ -449,5 +505,6 @@ __all__ = [
     "load_registered",
     "log_and_register",
     "parse_normalization",
+    "policy_signature",
     "registered_name_for",
 ]

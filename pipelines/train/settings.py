@@ -30,7 +30,9 @@ class TrainSettings(BaseSettings):
     stage: Literal["pretrain", "posttrain"] = Field("pretrain", description="lifecycle stage")
     preset: str = Field("small", description="model preset (model.config.PRESETS)")
     task: str | None = Field(None, description="post-training task (its demos only); None for pretraining")
-    init_from: Path | None = Field(None, description="model directory to start from (required for post-training)")
+    init_from: str | None = Field(None, description="model to start from (required for post-training): a model "
+                                                   "directory or a registry URI, models:/<name>@<alias> or "
+                                                   "models:/<name>/<version>")
     data_dir: Path = Field(REPO_ROOT / "data", description="root of data/latents, data/feast, data/runs")
     latents_dir: Path | None = Field(None, description="encoded latents (default: <data_dir>/latents)")
     feast_dir: Path | None = Field(None, description="feature store data (default: <data_dir>/feast)")

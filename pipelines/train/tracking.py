@@ -1,8 +1,11 @@
 """MLflow tracking of a training run (rank 0 only): params, per-step metrics, system metrics, artifacts, model.
 
 One experiment per stage (``lingbot-pretrain``, ``lingbot-posttrain``). Params hold the preset, every setting, the
-resolved model and DeepSpeed configs and the data version; the final model is logged as a pyfunc over its model
-directory and registered (``lingbot-va-base`` / ``lingbot-va-<task>``) with alias ``challenger``.
+resolved model and DeepSpeed configs and the data version; the run's dataset inputs are the DVC-hashed folders it
+read (``pipelines.lineage``: episodes, prepared, latents), its tags the same hashes, the git commit and the pipeline's
+parent run; the final model is logged as a pyfunc over its model directory (signature, a recorded observation as the
+input example, the data hashes as metadata) and registered (``lingbot-va-base`` / ``lingbot-va-<task>``) with alias
+``challenger``.
 """
 
 from __future__ import annotations
@@ -17,8 +20,15 @@ import torch
 from pipelines.train.settings import TrainSettings
 
 
+def data_version_of(versions: dict, index: dict) -> str:
+    """The run's data version: the DVC hash of its latents folder (what it trains on), else ``data_version``."""
+    latents = versions.get("latents")
+    return latents.md5 if latents is not None else data_version(index)
+
+
 def data_version(index: dict) -> str:
-    """Hash naming the exact data a run saw: the prepared datasets' content hashes + the encoded episode list."""
+    """Hash of the encoded index: the prepared datasets' content hashes + the encoded episode list (the data version
+    of latents that no DVC hash covers)."""
     versions = sorted({s.get("dataset_version", "") for s in index.get("normalization", {}).values()})
     episodes = [(e["dataset"], e["episode_index"], e["split"], e["num_frames"]) for e in index["episodes"]]
     return hashlib.md5(json.dumps([versions, episodes]).encode()).hexdigest()
@@ -49,6 +59,11 @@ def model_metadata(settings: TrainSettings, index: dict) -> tuple[dict, dict, di
 
 
 TEXT_FILE = "text_embeddings.safetensors"
+LOSS_FILE = "loss.csv"
+"""Per-step losses in the run dir (``dvc plots``)."""
+LOSS_COLUMNS = ("loss", "L_dyn", "L_inv", "L_fdm", "val_loss", "val_dyn", "val_inv", "val_fdm")
+REGISTERED_FILE = "registered.json"
+"""The version this run registered (name, version, run, data hashes), in the run dir: the evaluate stage's input."""
 VAE_DIR = "vae"
 
 
@@ -71,30 +86,61 @@ def encoder_files(settings: TrainSettings, index: dict):
     return write
 
 
+def example_observation(settings: TrainSettings, index: dict) -> dict[str, np.ndarray] | None:
+    """A recorded robot observation as a pyfunc request (the model's input example): the first frame of every
+    camera, the state and the task of the first episode this run trained on; None when its episode files are not
+    under ``<data_dir>/episodes`` (e.g. a pod that only has the latents)."""
+    from pipelines.data.lerobot import LeRobotDataset
+
+    entries = [e for e in index["episodes"] if settings.task in (None, e["task"]) and e.get("split") == "train"]
+    if not entries:
+        return None
+    entry = entries[0]
+    try:
+        ep = LeRobotDataset(Path(settings.data_dir) / "episodes" / entry["dataset"]).episode(entry["episode_index"])
+    except (ValueError, IndexError, OSError):
+        return None
+    cameras = entry.get("cameras") or sorted(ep.frames)
+    if any(c not in ep.frames for c in cameras):
+        return None
+    return {"images": np.stack([ep.frames[c][0] for c in cameras])[None], "state": ep.state[:1].astype(np.float32),
+            "instruction": np.array([ep.task])}
+
+
 class Tracker:
     """The MLflow side of a run; created on rank 0 only."""
 
     def __init__(self, settings: TrainSettings, index: dict, ds_config: dict, run_id: str | None = None):
         import mlflow
 
+        from pipelines.lineage import data_version as dvc_version
+        from pipelines.lineage import log_data_inputs, run_tags
         from pipelines.train.registry import default_tracking_uri, ensure_experiment, flatten_params
 
         self.mlflow, self.settings = mlflow, settings
         mlflow.set_tracking_uri(settings.tracking_uri or default_tracking_uri(settings.data_dir))
         experiment = ensure_experiment(f"lingbot-{settings.stage}", settings.data_dir)
+        # the DVC hashes of what this run reads: the collected episodes and the prepared splits behind its latents
+        folders = {"episodes": settings.data_dir / "episodes", "prepared": settings.data_dir / "prepared",
+                   "latents": settings.latents}
+        versions = {name: dvc_version(path, name) for name, path in folders.items() if Path(path).is_dir()}
+        self.data_versions = {name: v.md5 for name, v in versions.items()}
+        tags = None if run_id else {**run_tags(versions, settings.data_dir), "stage": settings.stage,
+                                    "task": settings.task or "all", "data_version": data_version_of(versions, index)}
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment,
-                               run_name=None if run_id else settings.run_name, log_system_metrics=True)
+                               run_name=None if run_id else settings.run_name, log_system_metrics=True, tags=tags)
         self.run_id = run.info.run_id
         if run_id is None:
             from model import get_preset
 
-            params = {"preset": settings.preset, "stage": settings.stage, "data_version": data_version(index),
+            params = {"preset": settings.preset, "stage": settings.stage, "data_version": tags["data_version"],
                       "world_size": ds_config["train_batch_size"] // settings.grad_accum}
+            params.update({f"data.{name}": md5 for name, md5 in self.data_versions.items()})
             params.update(flatten_params(json.loads(settings.model_dump_json()), "settings."))
             params.update(flatten_params(get_preset(settings.preset).to_dict(), "model."))
             params.update(flatten_params(ds_config, "deepspeed."))
             mlflow.log_params(params)
-            mlflow.set_tags({"stage": settings.stage, "task": settings.task or "all", "data_version": params["data_version"]})
+            log_data_inputs(versions, context="training")
             mlflow.log_dict({"settings": json.loads(settings.model_dump_json()), "deepspeed": ds_config,
                              "model": get_preset(settings.preset).to_dict()}, "config/resolved.json")
         self._vae = None
@@ -127,9 +173,35 @@ class Tracker:
         if self.settings.register_model:
             name = registered_name_for(self.settings.stage, self.settings.task, self.settings.objective,
                                        self.settings.demos)
-            version = log_and_register(model_dir, registered_name=name, alias="challenger")
+            version = log_and_register(model_dir, registered_name=name, alias="challenger",
+                                       input_example=example_observation(self.settings, self._index),
+                                       metadata={"data": self.data_versions})
             self.mlflow.set_tag("registered_model", f"{name}/{version}")
+            # what the challenger alias pointed to when this run registered it: the evaluate stage's declared input
+            reference = {"registered_name": name, "version": str(version), "alias": "challenger",
+                         "model_uri": f"models:/{name}/{version}", "run_id": self.run_id, "data": self.data_versions}
+            out = Path(self.settings.output)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / REGISTERED_FILE).write_text(json.dumps(reference, indent=1) + "\n")
+
+    def write_loss_curves(self) -> Path:
+        """``<run dir>/loss.csv``: step and every loss logged so far (resumed runs included: read back from MLflow),
+        the DVC stages' loss plot."""
+        client = self.mlflow.MlflowClient()
+        keys = [k for k in LOSS_COLUMNS if k in client.get_run(self.run_id).data.metrics]
+        rows: dict[int, dict[str, float]] = {}
+        for key in keys:
+            for m in client.get_metric_history(self.run_id, key):
+                rows.setdefault(int(m.step), {})[key] = m.value
+        out = Path(self.settings.output)
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [",".join(["step", *LOSS_COLUMNS])]
+        for step in sorted(rows):
+            lines.append(",".join([str(step), *(repr(rows[step][k]) if k in rows[step] else "" for k in LOSS_COLUMNS)]))
+        (out / LOSS_FILE).write_text("\n".join(lines) + "\n")
+        return out / LOSS_FILE
 
     def finish(self, summary: dict) -> None:
         self.mlflow.log_dict({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}, "summary.json")
+        self.write_loss_curves()
         self.mlflow.end_run()

@@ -2,10 +2,14 @@
 
     torchrun --standalone --nproc_per_node N -m pipelines.cli train pretrain [--resume]
 
-Resumable: DeepSpeed checkpoints (model, optimizer, scheduler) every N steps carry the step, every rank's data-
-sampling RNG and noise generator, and the MLflow run id, so `--resume` continues the same run at the same position.
-DeepSpeed writes the ``latest`` pointer only after a checkpoint is complete, so a crash mid-save resumes from the
-previous one. The final model is a consolidated ``save_pretrained`` directory with the features it trained with.
+Resumable: DeepSpeed checkpoints (model, optimizer, scheduler) every N steps carry the step, the number of micro-
+batches consumed by all ranks together and the MLflow run id, so `--resume` continues the same run at the same
+position. Micro-batch i of the run (counted over all ranks) draws its windows and its noise from generators seeded by
+(seed, i) alone, so the data stream does not depend on the world size: an elastic restart at another node count
+resumes (through a universal checkpoint, ``checkpoint.py``) with the next unseen micro-batches, and with
+``world x grad_accum`` unchanged it reproduces the uninterrupted run's steps. DeepSpeed writes the ``latest`` pointer
+only after a checkpoint is complete, so a crash mid-save resumes from the previous one. The final model is a
+consolidated ``save_pretrained`` directory with the features it trained with.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from tqdm import tqdm
 from model import LingBotVA, get_preset
 from pipelines.data.encode import dist_info
 from pipelines.data.loader import PackedWindows
+from pipelines.train import checkpoint
 from pipelines.train.parallelize import build_engine, use_repo_ops_cache
 from pipelines.train.settings import TrainSettings
 
@@ -53,9 +57,29 @@ def _all_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def init_model_dir(settings: TrainSettings) -> Path:
+    """The model directory ``settings.init_from`` names. A registry URI (the cluster's pretrained
+    ``models:/lingbot-va-base@challenger``) is downloaded by rank 0 under the data dir, which every rank must see (one
+    machine, or the cluster's shared workspace volume); the others take the same version's directory from it."""
+    source = str(settings.init_from)
+    if not source.startswith("models:/"):
+        return Path(source)
+    import mlflow
+
+    from pipelines.train.registry import default_tracking_uri, resolve_model
+
+    found = [None]
+    if int(os.environ.get("RANK", 0)) == 0:
+        mlflow.set_tracking_uri(settings.tracking_uri or default_tracking_uri(settings.data_dir))
+        found[0] = str(resolve_model(source, settings.data_dir)[0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0)  # one lookup: an alias moving meanwhile cannot split the ranks
+    return Path(found[0])
+
+
 def _build_model(settings: TrainSettings, index: dict) -> LingBotVA:
     if settings.init_from is not None:
-        model = LingBotVA.from_pretrained(settings.init_from)
+        model = LingBotVA.from_pretrained(init_model_dir(settings))
         model.config = model.config.replace(fdm_loss_weight=settings.fdm_loss_weight, objective=settings.objective)
     else:
         torch.manual_seed(settings.seed)
@@ -66,6 +90,13 @@ def _build_model(settings: TrainSettings, index: dict) -> LingBotVA:
         raise ValueError(f"latents have {index['latent_channels']} channels / text width {index['text_dim']}, the model "
                          f"expects {c.latent_channels} / {c.text_dim}: encode the data for preset {settings.preset!r}")
     return model
+
+
+def _micro_batch_rngs(seed: int, index: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Window sampling and noise generators of the run's micro-batch ``index`` (counted over all ranks): a function
+    of the position in the data stream alone, never of the rank layout, so a resume at any world size continues it."""
+    data, noise = np.random.SeedSequence([seed, index]).spawn(2)
+    return np.random.default_rng(data), torch.Generator().manual_seed(int(noise.generate_state(1, np.uint64)[0]))
 
 
 def _validate(engine, loader: PackedWindows | None, settings: TrainSettings) -> dict[str, float] | None:
@@ -124,21 +155,21 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
                                    episode_start_prob=settings.episode_start_prob)
     except ValueError:
         val_loader = None
-    model = _build_model(settings, index)
-    engine, ds_config = build_engine(model, settings, world)
-    rng = np.random.default_rng([settings.seed, rank])
-    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + rank)
     ckpt_dir = settings.output / "checkpoints"
-    step, run_id, client = 0, None, None
-    if resume and (resume != "auto" or (ckpt_dir / "latest").is_file()):  # DeepSpeed writes `latest` last
-        path, client = engine.load_checkpoint(str(ckpt_dir))
-        if path is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_dir}")
-    if client is not None:
+    source = checkpoint.resume_point(ckpt_dir, resume, world, rank)
+    model = _build_model(settings, index)
+    engine, ds_config = build_engine(model, settings, world, load_universal=source is not None and source[1])
+    step, consumed, run_id = 0, 0, None  # consumed: micro-batches drawn by all ranks together
+    if source is not None:
+        client = checkpoint.load(engine, *source)
         step, run_id = client["step"], client.get("mlflow_run_id")
-        rng.bit_generator.state = client["data_rng"][rank]
-        gen.set_state(client["noise_rng"][rank])
-        torch.set_rng_state(client["torch_rng"][rank])
+        # a checkpoint from before the counter holds one RNG state per rank instead: it had drawn grad_accum micro-
+        # batches per rank and step (its per-rank generators themselves cannot be carried over)
+        saved_world = client.get("world_size", len(client.get("data_rng", [None])))
+        consumed = client.get("micro_batches", step * settings.grad_accum * saved_world)
+        if rank == 0:
+            print(f"[{settings.run_name}] resumed at step {step} ({consumed} micro-batches drawn) on {world} ranks, "
+                  f"saved on {saved_world}", flush=True)
 
     tracker = Tracker(settings, index, ds_config, run_id=run_id) if rank == 0 else None
     stop_at = settings.steps if settings.max_steps_this_run is None else min(settings.steps, step + settings.max_steps_this_run)
@@ -147,7 +178,8 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
     engine.train()
     while step < stop_at:
         t0, tokens, samples, acc = time.perf_counter(), 0, 0, np.zeros(4)
-        for _ in range(settings.grad_accum):
+        for micro in range(settings.grad_accum):
+            rng, gen = _micro_batch_rngs(settings.seed, consumed + micro * world + rank)
             batch = loader.sample(rng)
             out = engine(batch, gen)
             engine.backward(out["loss"])
@@ -155,7 +187,7 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
             acc += [out[k].item() for k in ("loss", "dyn", "inv", "fdm")]
             tokens += loader.batch_tokens(batch)
             samples += len(batch["num_frames"])
-        step += 1
+        step, consumed = step + 1, consumed + settings.grad_accum * world
         dt = time.perf_counter() - t0
         loss, dyn, inv, fdm_l = _all_mean(list(acc / settings.grad_accum))
         grad_norm = engine.get_global_grad_norm()
@@ -182,7 +214,9 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
         if settings.snapshot_every and step % settings.snapshot_every == 0 and step < settings.steps:
             _save_final(engine, settings, index, None, out=settings.output / "snapshots" / f"step{step:07d}")
         if step % settings.checkpoint_every == 0 or step == stop_at:
-            _save_checkpoint(engine, ckpt_dir, step, rng, gen, tracker, settings.keep_checkpoints)
+            client = {"step": step, "micro_batches": consumed, "world_size": world,
+                      "mlflow_run_id": tracker.run_id if tracker else None}  # DeepSpeed saves rank 0's client state
+            checkpoint.save(engine, ckpt_dir, step, client, settings.keep_checkpoints)
     bar.close()
     summary = {"step": step, "finished": step >= settings.steps, **last}
     if step >= settings.steps:
@@ -194,31 +228,6 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
         settings.output.mkdir(parents=True, exist_ok=True)
         (settings.output / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def _gather_objects(obj) -> list:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _save_checkpoint(engine, ckpt_dir: Path, step: int, rng, gen, tracker, keep: int) -> None:
-    client = {
-        "step": step,
-        "data_rng": _gather_objects(rng.bit_generator.state),
-        "noise_rng": _gather_objects(gen.get_state()),
-        "torch_rng": _gather_objects(torch.get_rng_state()),
-        "mlflow_run_id": tracker.run_id if tracker else None,  # DeepSpeed saves rank 0's client state
-    }
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state=client)
-    if int(os.environ.get("RANK", 0)) == 0:
-        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _save_final(engine, settings: TrainSettings, index: dict, tracker, out: Path | None = None) -> Path:

@@ -12,7 +12,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fleet", help="run simulated Meta-World robots against a policy endpoint")
     p.add_argument("--endpoint", default=None, help="gRPC host:port or REST http://host:port "
                                                     "(default: LINGBOT_ROBOT_ENDPOINT or 127.0.0.1:8081)")
-    p.add_argument("--transport", choices=["grpc", "rest"], default=None)
+    p.add_argument("--canary-endpoint", default=None, help="the canary's endpoint (same transport); whole episodes "
+                                                           "run there (default: LINGBOT_ROBOT_CANARY_ENDPOINT)")
+    p.add_argument("--canary-percent", type=int, default=None, help="share of episodes sent to the canary")
+    p.add_argument("--transport", choices=["grpc", "rest"], default=None, help="KServe V2 over gRPC or REST")
     p.add_argument("--robots", type=int, default=None, help="robots, one process each")
     p.add_argument("--task", default=None, help="Meta-World task, e.g. reach-v3")
     p.add_argument("--episodes", type=int, default=None, help="episodes per robot")
@@ -30,7 +33,8 @@ def fleet_command(args: argparse.Namespace) -> int:
     from services.fleet.settings import FleetSettings
     from services.robot_client.settings import RobotSettings
 
-    robot_over = {"endpoint": args.endpoint, "transport": args.transport, "mode": args.mode,
+    robot_over = {"endpoint": args.endpoint, "canary_endpoint": args.canary_endpoint,
+                  "canary_percent": args.canary_percent, "transport": args.transport, "mode": args.mode,
                   "control_rate_hz": args.control_rate_hz, "deadline_ms": args.deadline_ms, "max_steps": args.max_steps}
     fleet_over = {"robots": args.robots, "task": args.task, "episodes": args.episodes, "image_size": args.image_size}
     try:

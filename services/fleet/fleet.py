@@ -1,10 +1,12 @@
-"""N simulated Meta-World robots, one process each, running episodes against one policy endpoint.
+"""N simulated Meta-World robots, one process each, running episodes against one policy endpoint (and its canary).
 
 Every robot process builds a ``MetaWorldRobot`` per episode and drives it with its own ``RobotRuntime`` (its own
-gRPC channel and session per episode), exactly as an edge device would. The processes are started with "spawn"
-(MuJoCo / OpenGL state does not survive ``fork``) and released together once all have loaded, so the endpoint sees
-the robots concurrently. The report has per-robot and overall success, on-time chunk share, request latency
-percentiles, stalls, holds and resets, and how many robots were served on time.
+gRPC channel and session per episode), exactly as an edge device would; with a canary endpoint each episode runs
+whole on the endpoint its session id picks. The processes are started with "spawn" (MuJoCo / OpenGL state does not
+survive ``fork``) and released together once all have loaded, so the endpoint sees the robots concurrently. The
+report has per-robot and overall success, on-time chunk share, request latency percentiles, stalls, holds and
+resets, how many robots were served on time, and success per model version (stable vs canary, episode by
+episode).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ _COUNTS = ("steps", "policy_steps", "chunks", "on_time_chunks", "late_chunks", "
 
 
 def run_fleet(fleet: FleetSettings, robot: RobotSettings) -> dict[str, Any]:
-    """Run ``fleet.robots`` robots x ``fleet.episodes`` episodes against ``robot.endpoint``; returns the report."""
+    """Run ``fleet.robots`` robots x ``fleet.episodes`` episodes against ``robot.endpoint`` (and
+    ``robot.canary_endpoint``); returns the report."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(fleet.robots + 1)
     results = ctx.Queue()
@@ -89,13 +92,17 @@ def _robot_process(index: int, fleet_dump: dict, robot_dump: dict, barrier, resu
     with contextlib.suppress(threading.BrokenBarrierError):  # another robot failed to start: run anyway
         barrier.wait(timeout=fleet.start_timeout_s)
     try:
-        with PolicyClient.from_settings(settings) as client:  # one channel per robot, one session per episode
+        canary = settings.canary_endpoint
+        # one channel per robot and endpoint, one session per episode
+        with PolicyClient.from_settings(settings) as client, \
+                (PolicyClient.from_settings(settings, canary) if canary else contextlib.nullcontext()) as canary_client:
             for e in range(fleet.episodes):
                 variant = index * fleet.episodes + e
                 robot = first if e == 0 else MetaWorldRobot(fleet.task, variant, fleet.eval_seed, fleet.cameras,
                                                             fleet.image_size)
                 try:
-                    stats = RobotRuntime(robot, settings, client=client).run_episode(fleet.task)
+                    runtime = RobotRuntime(robot, settings, client=client, canary_client=canary_client)
+                    stats = runtime.run_episode(fleet.task)
                     episodes.append({"variant": variant, **stats.to_dict()})
                 finally:
                     robot.close()
@@ -125,8 +132,24 @@ def summarize_robot(name: str, episodes: list[dict], error: str | None = None) -
     return out
 
 
+def by_version(episodes: list[dict]) -> dict[str, dict[str, Any]]:
+    """Episodes, successes and success rate per model version (each episode ran on one), with the routes they took:
+    the stable-vs-canary comparison. Episodes that never got a chunk are under ``"none"``."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in episodes:
+        row = out.setdefault(e.get("model_version") or "none", {"episodes": 0, "successes": 0, "routes": []})
+        row["episodes"] += 1
+        row["successes"] += int(bool(e["success"]))
+        if e.get("route") not in row["routes"]:
+            row["routes"].append(e.get("route"))
+    for row in out.values():
+        row["success_rate"] = row["successes"] / row["episodes"]
+    return dict(sorted(out.items()))
+
+
 def report(fleet: FleetSettings, robot: RobotSettings, per_robot: dict[int, dict], wall_s: float) -> dict[str, Any]:
-    """The fleet report: settings, per-robot summaries, overall numbers and the episodes (without raw latencies)."""
+    """The fleet report: settings, per-robot summaries, overall numbers, per model version numbers and the episodes
+    (without raw latencies)."""
     robots, all_episodes = [], []
     for i in range(fleet.robots):
         payload = per_robot.get(i, {"error": "no report (the fleet's time budget ran out)", "episodes": []})
@@ -137,11 +160,12 @@ def report(fleet: FleetSettings, robot: RobotSettings, per_robot: dict[int, dict
     overall["error_examples"] = sorted({x for r in robots for x in r["error_examples"]})[:3]
     on_time = [r for r in robots if r["on_time_pct"] is not None and r["on_time_pct"] >= fleet.on_time_threshold_pct]
     return {
-        "endpoint": robot.endpoint, "transport": robot.transport, "mode": robot.mode, "task": fleet.task,
+        "endpoint": robot.endpoint, "canary_endpoint": robot.canary_endpoint, "canary_percent": robot.canary_percent,
+        "transport": robot.transport, "mode": robot.mode, "task": fleet.task,
         "robots": fleet.robots, "episodes_per_robot": fleet.episodes, "control_rate_hz": robot.control_rate_hz,
         "deadline_ms": 1000.0 * robot.deadline_s, "on_time_threshold_pct": fleet.on_time_threshold_pct,
         "robots_on_time": len(on_time), "wall_s": wall_s,
-        "per_robot": robots, "overall": overall,
+        "per_robot": robots, "overall": overall, "versions": by_version(all_episodes),
         "episodes": [{k: v for k, v in e.items() if k != "latency_ms"} for e in all_episodes],
     }
 
@@ -162,6 +186,9 @@ def table(rep: dict[str, Any]) -> str:
     lines.append(f"{rep['robots_on_time']} of {rep['robots']} robots served on time "
                  f"(>= {rep['on_time_threshold_pct']:.0f}% of chunks within {rep['deadline_ms']:.0f} ms); "
                  f"mode {rep['mode']}, {rep['wall_s']:.1f} s")
+    for version, row in rep.get("versions", {}).items():
+        lines.append(f"  {version} ({'/'.join(map(str, row['routes']))}): {row['episodes']} episodes, success "
+                     f"{row['success_rate']:.2f}")
     for r in rep["per_robot"]:
         for err in r["error_examples"]:
             lines.append(f"  {r['robot']}: {err}")

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="base seed of the sessions' samplers")
     g.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
                    help="batch concurrent sessions' model passes (default on)")
-    g.add_argument("--max-batch-size", type=int)
+    g.add_argument("--max-batch-size", type=int, help="most sessions in one batched model pass")
     g.add_argument("--max-wait-ms", type=float, help="batching window after the first request")
     g.add_argument("--max-sessions", type=int, help="sessions kept (LRU eviction beyond)")
     g.add_argument("--session-ttl-s", type=float, help="idle time after which a session is evicted")
@@ -66,9 +66,15 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+KSERVE_FLAGS = ("http_port", "grpc_port", "workers", "max_threads", "max_asyncio_workers", "enable_grpc",
+                "enable_docs_url", "enable_latency_logging", "access_log_format", "event_loop", "timeout_keep_alive")
+"""The kserve ModelServer flags `lingbot serve` passes on (``serve_command``); kserve's transformer / predictor-proxy,
+SSL, logging-config and model-name flags do nothing here, so they are not offered."""
+
+
 class _ServeParser(argparse.ArgumentParser):
-    """Adds kserve's standard flags (``kserve.model_server.parser``) when `lingbot serve` is parsed: importing
-    kserve takes seconds, which the other `lingbot` commands should not pay."""
+    """Adds kserve's standard server flags (``kserve.model_server.parser``, those in ``KSERVE_FLAGS``) when `lingbot
+    serve` is parsed: importing kserve takes seconds, which the other `lingbot` commands should not pay."""
 
     _kserve_added = False
 
@@ -76,7 +82,10 @@ class _ServeParser(argparse.ArgumentParser):
         if not self._kserve_added:
             from kserve.model_server import parser as kserve_parser
 
-            self._add_container_actions(kserve_parser)  # what ArgumentParser(parents=[...]) does
+            group = self.add_argument_group("kserve model server")
+            for action in kserve_parser._actions:
+                if action.dest in KSERVE_FLAGS:
+                    group._add_action(action)  # shared, as ArgumentParser(parents=[...]) shares them
             self._kserve_added = True
             self.set_defaults(model_name=None)
         return super().parse_known_args(args, namespace)

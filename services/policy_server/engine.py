@@ -31,7 +31,14 @@ from services.policy_server.batcher import Batcher, Job
 from services.policy_server.models import ModelHandle
 from services.policy_server.sessions import Session, SessionStore
 from services.policy_server.settings import ServeSettings
-from services.protocol import MODEL_CHANGED, OUT_OF_ORDER, UNKNOWN_SESSION, StepRequest, StepResponse
+from services.protocol import (
+    MODEL_CHANGED,
+    OUT_OF_ORDER,
+    UNKNOWN_SESSION,
+    VERSION_NOT_SERVED,
+    StepRequest,
+    StepResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +91,8 @@ class PolicyEngine:
     # ------------------------------------------------------------------------------------------- model versions
     def switch(self, new: ModelHandle) -> None:
         """Make ``new`` the version new sessions start on. Running sessions finish on their version, or are told to
-        reset (``old_sessions="reset"``, or beyond ``max_live_models`` versions in memory)."""
+        reset (``old_sessions="reset"``, or beyond ``max_live_models`` versions in memory); a reset pinned to an old
+        version (its episode began there) starts on it while it is still in memory."""
         with self._models:
             old, self.current = self.current, new
             self.live.append(new)
@@ -153,6 +161,9 @@ class PolicyEngine:
             self.store.remove(req.session_id, MODEL_CHANGED, "model")
             raise InvalidInput(f"{MODEL_CHANGED} (the session began on {session.handle.version}; now serving "
                                f"{self.current.version})")
+        if req.model_version is not None and req.model_version != session.handle.version:
+            raise InvalidInput(f"{VERSION_NOT_SERVED}: the request is pinned to {req.model_version!r}; session "
+                               f"{req.session_id} runs {session.handle.version!r}")
         policy = session.handle.policy
         if req.seq is not None and req.seq != session.returned:
             raise InvalidInput(f"{OUT_OF_ORDER}: this session's next chunk is {session.returned}, the request "
@@ -193,8 +204,7 @@ class PolicyEngine:
         return _Step(job, session, kind, session.last_state)
 
     def _reset(self, job: Job, req: StepRequest) -> _Step:
-        with self._models:
-            handle = self.current
+        handle = self._version_for(req.model_version)
         policy = handle.policy
         if req.seq not in (None, 0):
             raise InvalidInput(f"{OUT_OF_ORDER}: a reset answers chunk 0, the request expects seq={req.seq}")
@@ -225,6 +235,19 @@ class PolicyEngine:
         session.estimate_bytes()
         self.store.put(session)  # replaces an earlier session of this id
         return _Step(job, session, PLAN, state)
+
+    def _version_for(self, pinned: str | None) -> ModelHandle:
+        """The version a reset starts on: the current one, or the pinned one while this server still holds it (a
+        robot restarting a session of an episode that began before a hot swap)."""
+        with self._models:
+            if pinned is None:
+                return self.current
+            for handle in reversed(self.live):
+                if handle.version == pinned and not handle.retired:
+                    return handle
+            served = [h.version for h in self.live if not h.retired]
+        raise InvalidInput(f"{VERSION_NOT_SERVED}: the request is pinned to {pinned!r}; this server serves "
+                           f"{', '.join(map(repr, served))} (an episode never changes model version)")
 
     def _plan(self, group: list[_Step]) -> list[Plan | Exception]:
         """One model pass for a group (same model version, same kind): batched when possible."""

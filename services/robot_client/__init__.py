@@ -12,6 +12,7 @@ from services.robot_client.client import (
     PolicyError,
     RequestRejected,
     SessionLost,
+    VersionUnavailable,
 )
 from services.robot_client.robot import Observation, Robot, RobotLimits, StepOutcome
 from services.robot_client.runtime import EpisodeStats, RobotRuntime
@@ -31,4 +32,5 @@ __all__ = [
     "RobotSettings",
     "SessionLost",
     "StepOutcome",
+    "VersionUnavailable",
 ]

@@ -6,6 +6,7 @@ kserve's ``InferenceGRPCClient`` / ``InferenceRESTClient`` and sorts failures in
     EndpointUnavailable  nothing answered (connection refused, channel down): back off, reconnect, retry the request
     SessionLost          the server asks for ``reset=true`` (unknown/evicted session, model changed, out of order),
                          or a request timed out so its effect on the session is unknown: start the session again
+    VersionUnavailable   the server does not serve the model version the request is pinned to: the episode is over
     RequestRejected      anything else the server refused (bad request, auth, server error)
     Cancelled            ``cancel()`` was called from another thread
 
@@ -24,7 +25,14 @@ import httpx
 from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig
 from kserve.errors import InvalidInput
 
-from services.protocol import DEFAULT_MODEL_NAME, StepRequest, StepResponse, from_infer_response, to_infer_request
+from services.protocol import (
+    DEFAULT_MODEL_NAME,
+    VERSION_NOT_SERVED,
+    StepRequest,
+    StepResponse,
+    from_infer_response,
+    to_infer_request,
+)
 
 if TYPE_CHECKING:
     from services.robot_client.settings import RobotSettings
@@ -42,6 +50,10 @@ class EndpointUnavailable(PolicyError):
 
 class SessionLost(PolicyError):
     """The session must be started again with ``reset=true``."""
+
+
+class VersionUnavailable(PolicyError):
+    """The endpoint does not serve the model version the episode is pinned to; no reset brings it back."""
 
 
 class RequestRejected(PolicyError):
@@ -72,11 +84,12 @@ class PolicyClient:
         self._lock = threading.Lock()  # guards _task against cancel() from another thread
 
     @classmethod
-    def from_settings(cls, settings: RobotSettings) -> PolicyClient:
-        """A client for ``settings.endpoint`` with its transport, model name, token and request timeout."""
+    def from_settings(cls, settings: RobotSettings, endpoint: str | None = None) -> PolicyClient:
+        """A client for ``endpoint`` (default ``settings.endpoint``) with the settings' transport, model name, token
+        and request timeout."""
         token = settings.token.get_secret_value() if settings.token else None
-        return cls(settings.endpoint, transport=settings.transport, model_name=settings.model_name, token=token,
-                   timeout_s=settings.request_timeout_s)
+        return cls(endpoint or settings.endpoint, transport=settings.transport, model_name=settings.model_name,
+                   token=token, timeout_s=settings.request_timeout_s)
 
     def step(self, request: StepRequest) -> StepResponse:
         """One round trip; raises a ``PolicyError`` subclass when no valid response came back."""
@@ -161,6 +174,8 @@ def _grpc_error(err: grpc.aio.AioRpcError) -> PolicyError:
         return EndpointUnavailable(f"UNAVAILABLE: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return SessionLost(f"request timed out: {details}")
+    if VERSION_NOT_SERVED in details:
+        return VersionUnavailable(details)
     if any(hint in details for hint in _RESET_HINTS):
         return SessionLost(details)
     return RequestRejected(f"{code.name}: {details}")
@@ -168,6 +183,8 @@ def _grpc_error(err: grpc.aio.AioRpcError) -> PolicyError:
 
 def _http_error(err: httpx.HTTPStatusError) -> PolicyError:
     message = str(err)
+    if VERSION_NOT_SERVED in message:
+        return VersionUnavailable(message)
     if any(hint in message for hint in _RESET_HINTS):
         return SessionLost(message)
     if err.response.status_code in (502, 503, 504):  # a proxy / ingress without a live backend

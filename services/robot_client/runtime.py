@@ -15,17 +15,24 @@ action every control period and a stall is recorded (one per late chunk, with it
 episode is awaited (the robot has not started) and not counted. Hold steps are pauses the model never sees: they
 keep the robot still, so the last reported observation stays valid and chunk boundaries stay aligned.
 
+Routing and versions. An episode runs whole on one endpoint: ``endpoint``, or ``canary_endpoint`` for
+``canary_percent`` % of the episodes, chosen once from a hash of the session id (``services.robot_client.routing``).
+It is pinned to the ``model_version`` of its first chunk: every later request (session restarts included) carries
+it, a server that no longer serves that version refuses (``VersionUnavailable``), and a chunk of another version is
+stale; either ends the episode in the safe hold, so one episode's chunks never come from two versions.
+
 Safety. Every chunk is checked before it can run: NaN/inf or malformed chunks are rejected (never executed; the
-session is reset), a chunk whose ``model_version`` differs from the one the session began on is stale (dropped; the
-session is reset), and out-of-limit commands are clipped to the robot's limits (not rejected: a saturated command is
-still the policy's intent; ``saturated_actions`` counts them). State-relative embodiments (Meta-World's delta
-actions) re-map each step's unified target against the live state through the embodiment adapter.
-``Robot.step`` refuses NaN/inf and out-of-limit commands itself as the last line of defence.
+session is reset), stale chunks are never executed (the episode ends), and out-of-limit commands are clipped to
+the robot's limits (not rejected: a saturated command is still the policy's intent; ``saturated_actions`` counts
+them). State-relative embodiments (Meta-World's delta actions) re-map each step's unified target against the live
+state through the embodiment adapter. ``Robot.step`` refuses NaN/inf and out-of-limit commands itself as the last
+line of defence.
 
 Failures. An unreachable endpoint is retried with exponential backoff on a fresh channel while the robot holds; it
-never aborts the episode (its step and time budgets do). "send reset=true" errors, timeouts, rejected and stale
-chunks restart the session from the current observation; more than ``max_resets`` of those in a row abort the
-episode in the safe hold. No exception escapes ``run_episode``: the reason lands in ``EpisodeStats.error``.
+never aborts the episode (its step and time budgets do). "send reset=true" errors, timeouts and rejected chunks
+restart the session (same endpoint, same model version) from the current observation; more than ``max_resets`` of
+those in a row abort the episode in the safe hold. No exception escapes ``run_episode``: the reason lands in
+``EpisodeStats.error``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipelines.data.embodiments import UNIFIED_DIM, get_adapter
-from services.protocol import StepRequest, StepResponse
+from services.protocol import SESSION_ID_PATTERN, StepRequest, StepResponse
 from services.robot_client.client import (
     Cancelled,
     EndpointUnavailable,
@@ -48,8 +55,10 @@ from services.robot_client.client import (
     PolicyError,
     RequestRejected,
     SessionLost,
+    VersionUnavailable,
 )
 from services.robot_client.robot import Observation, Robot
+from services.robot_client.routing import CANARY, STABLE, route_for
 from services.robot_client.settings import RobotSettings
 
 
@@ -60,6 +69,8 @@ class EpisodeStats:
     task: str
     session_id: str
     mode: str
+    route: str = STABLE  # "stable" | "canary": the endpoint the whole episode ran on
+    endpoint: str | None = None
     success: bool = False
     steps: int = 0  # robot steps, holds included
     policy_steps: int = 0  # steps that executed a chunk's action
@@ -74,10 +85,10 @@ class EpisodeStats:
     resets: int = 0  # session restarts after the first reset
     reconnects: int = 0  # attempts on a fresh channel after the endpoint was unreachable
     rejected_chunks: int = 0  # NaN/inf or malformed: never executed
-    stale_chunks: int = 0  # from another model version than the session's: never executed
+    stale_chunks: int = 0  # from another model version than the episode's: never executed (the episode ends)
     saturated_actions: int = 0  # commands clipped to (or at) the robot's limits
     control_rate_hz: float | None = None
-    model_version: str | None = None
+    model_version: str | None = None  # the version every chunk of the episode came from
     wall_s: float = 0.0
     ended: str | None = None  # success | done (the robot's horizon) | max_steps | timeout | stopped | aborted
     error: str | None = None  # why the episode was aborted (None: it was not)
@@ -124,8 +135,9 @@ class _Abort(PolicyError):
 
 
 class ChunkRejected(SessionLost):
-    """A chunk that must not run; the session is restarted. ``kind``: "nan" (NaN/inf), "malformed" (shapes, rate),
-    "stale" (another model version than the session's) or "out_of_order" (another session's or chunk index)."""
+    """A chunk that must not run; the session is restarted (the episode ends for "stale"). ``kind``: "nan" (NaN/inf),
+    "malformed" (shapes, rate), "stale" (another model version than the episode's) or "out_of_order" (another
+    session's or chunk index)."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -136,7 +148,7 @@ def check_chunk(resp: StepResponse, *, session_id: str, model_version: str, chun
                 action_dim: int) -> np.ndarray:
     """The chunk's unified targets (T, 30) float64 when it may run; raises ``ChunkRejected`` saying why not."""
     if resp.model_version != model_version:
-        raise ChunkRejected("stale", f"stale chunk: model_version {resp.model_version!r}, the session began on "
+        raise ChunkRejected("stale", f"stale chunk: model_version {resp.model_version!r}, the episode began on "
                                      f"{model_version!r}")
     if resp.session_id != session_id or resp.chunk_index != chunk_index:
         raise ChunkRejected("out_of_order", f"out of order: got chunk {resp.chunk_index} of {resp.session_id!r}, "
@@ -154,10 +166,14 @@ def check_chunk(resp: StepResponse, *, session_id: str, model_version: str, chun
 
 
 class RobotRuntime:
-    """Runs episodes of one ``Robot`` against a policy endpoint (see the module docstring for the behaviour)."""
+    """Runs episodes of one ``Robot`` against a policy endpoint (see the module docstring for the behaviour).
 
-    def __init__(self, robot: Robot, settings: RobotSettings | None = None,
-                 client: PolicyClient | None = None) -> None:
+    ``client`` / ``canary_client`` talk to ``settings.endpoint`` / ``settings.canary_endpoint`` (made from the settings
+    when not given, and closed by ``close`` then).
+    """
+
+    def __init__(self, robot: Robot, settings: RobotSettings | None = None, client: PolicyClient | None = None,
+                 canary_client: PolicyClient | None = None) -> None:
         self.robot = robot
         self.settings = settings or RobotSettings()
         self.adapter = get_adapter(robot.embodiment)  # unknown embodiment: ValueError naming the known ones
@@ -168,13 +184,31 @@ class RobotRuntime:
         if hold is not None and not robot.limits.contains(np.asarray(hold, np.float32)):
             raise ValueError(f"hold_action {hold} must be {robot.limits.dim} finite values within the robot's limits")
         self.client = client or PolicyClient.from_settings(self.settings)
-        self._owns_client = client is None
+        self.canary_client = canary_client
+        if canary_client is None and self.settings.canary_endpoint:
+            self.canary_client = PolicyClient.from_settings(self.settings, self.settings.canary_endpoint)
+        self._owned = [c for c, given in ((self.client, client), (self.canary_client, canary_client))
+                       if given is None and c is not None]
         self._episode: _Episode | None = None
 
-    def run_episode(self, task: str, *, max_steps: int | None = None) -> EpisodeStats:
-        """One episode of ``task`` (the instruction sent at reset); never raises for runtime failures."""
-        session_id = f"{self.settings.robot_id}-{uuid.uuid4().hex[:12]}"
-        self._episode = _Episode(self, task, session_id, max_steps or self.settings.max_steps)
+    def route(self, session_id: str) -> str:
+        """``"stable"`` or ``"canary"``: where the episode with this session id runs, all of it."""
+        if self.canary_client is None:
+            return STABLE
+        return route_for(session_id, self.settings.canary_percent)
+
+    def run_episode(self, task: str, *, max_steps: int | None = None, episode_id: str | None = None) -> EpisodeStats:
+        """One episode of ``task`` (the instruction sent at reset); never raises for runtime failures.
+
+        Its session id is ``<robot_id>-<episode_id>`` (default: a random id), which also picks its endpoint.
+        """
+        session_id = f"{self.settings.robot_id}-{episode_id or uuid.uuid4().hex[:12]}"
+        if not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise ValueError(f"episode_id {episode_id!r} makes the session id {session_id!r}: use 1-128 of "
+                             "[A-Za-z0-9._:-] in all")
+        route = self.route(session_id)
+        client = self.canary_client if route == CANARY else self.client
+        self._episode = _Episode(self, client, route, task, session_id, max_steps or self.settings.max_steps)
         try:
             return self._episode.run()
         finally:
@@ -193,9 +227,9 @@ class RobotRuntime:
             episode.end("stopped")
 
     def close(self) -> None:
-        """Close the client if this runtime made it (the robot belongs to the caller)."""
-        if self._owns_client:
-            self.client.close()
+        """Close the clients this runtime made (the robot and given clients belong to the caller)."""
+        for client in self._owned:
+            client.close()
 
     def __enter__(self) -> RobotRuntime:
         return self
@@ -207,13 +241,16 @@ class RobotRuntime:
 class _Episode:
     """The state one episode's executor and requester share; every field below ``_cv`` is guarded by it."""
 
-    def __init__(self, runtime: RobotRuntime, task: str, session_id: str, max_steps: int | None) -> None:
-        self.robot, self.client, self.s = runtime.robot, runtime.client, runtime.settings
+    def __init__(self, runtime: RobotRuntime, client: PolicyClient, route: str, task: str, session_id: str,
+                 max_steps: int | None) -> None:
+        self.robot, self.client, self.s = runtime.robot, client, runtime.settings
         self.adapter = runtime.adapter
         self.task, self.session_id = task, session_id
         horizon = getattr(self.robot, "horizon", None)
         self.max_steps = max_steps or horizon or 10**9  # the wall-clock bound still applies
-        self.stats = EpisodeStats(task=task, session_id=session_id, mode=self.s.mode)
+        self.stats = EpisodeStats(task=task, session_id=session_id, mode=self.s.mode, route=route,
+                                  endpoint=client.endpoint)
+        self.version: str | None = None  # the model version the episode is pinned to, from its first chunk
         self._cv = threading.Condition()
         self._stop = False
         self._epoch = 0  # bumped by the requester at every session (re)start
@@ -392,6 +429,9 @@ class _Episode:
             except _Abort as err:
                 self._abort(str(err))
                 return
+            except VersionUnavailable as err:  # the endpoint moved on from this episode's version
+                self._abort(f"the episode runs on model version {self.version!r}; the endpoint refused it: {err}")
+                return
             except (SessionLost, RequestRejected) as err:
                 self._note(err)
                 self._resets_in_row += 1
@@ -411,24 +451,26 @@ class _Episode:
         if not first:
             self.stats.resets += 1
         mode = self.s.mode
+        # a restart carries the episode's version: the server starts it there or refuses
         resp = self._call(StepRequest(self.session_id, reset=True, instruction=self.task, mode=mode,
-                                      cameras=tuple(self.robot.cameras), images=obs.frames[None],
-                                      state=obs.state[None]))
+                                      cameras=tuple(self.robot.cameras), model_version=self.version,
+                                      images=obs.frames[None], state=obs.state[None]))
         self._check_endpoint(resp)
-        version = resp.model_version
-        self.stats.model_version = version
-        self._accept(resp, epoch, version, expected=0)
+        if self.version is None:
+            self.version = self.stats.model_version = resp.model_version
+        self._accept(resp, epoch, expected=0)
         seq = 1
         if mode == "async":  # chunk 0 is executing now; the server plans chunk 1 from its imagined outcome
-            self._accept(self._call(StepRequest(self.session_id, mode=mode, seq=seq)), epoch, version, seq)
+            self._accept(self._call(StepRequest(self.session_id, mode=mode, seq=seq, model_version=self.version)),
+                         epoch, seq)
             seq += 1
         while True:
             done = self._next_executed(epoch)
             if done is None:
                 raise Cancelled("episode over")
-            resp = self._call(StepRequest(self.session_id, mode=mode, seq=seq, images=done.frames,
-                                          actions=done.actions, state=done.states))
-            self._accept(resp, epoch, version, seq)
+            resp = self._call(StepRequest(self.session_id, mode=mode, seq=seq, model_version=self.version,
+                                          images=done.frames, actions=done.actions, state=done.states))
+            self._accept(resp, epoch, seq)
             seq += 1
 
     def _begin(self, first: bool) -> tuple[int, Observation]:
@@ -476,15 +518,17 @@ class _Episode:
         if resp.image_size is not None and resp.image_size != robot.image_size:
             raise _Abort(f"the endpoint expects {resp.image_size} px images; this robot renders {robot.image_size}")
 
-    def _accept(self, resp: StepResponse, epoch: int, version: str, expected: int) -> None:
-        """Check a chunk and hand it to the executor, or raise so the session restarts."""
+    def _accept(self, resp: StepResponse, epoch: int, expected: int) -> None:
+        """Check a chunk and hand it to the executor, or raise so the session restarts (the episode ends for a chunk
+        of another model version)."""
         try:
-            targets = check_chunk(resp, session_id=self.session_id, model_version=version, chunk_index=expected,
+            targets = check_chunk(resp, session_id=self.session_id, model_version=self.version, chunk_index=expected,
                                   action_dim=self.robot.limits.dim)
         except ChunkRejected as err:
             if err.kind == "stale":
                 self.stats.stale_chunks += 1
-            elif err.kind != "out_of_order":
+                raise _Abort(f"{err}: an episode never changes model version") from None
+            if err.kind != "out_of_order":
                 self.stats.rejected_chunks += 1
             raise
         self.stats.control_rate_hz = self.s.control_rate_hz or resp.control_rate_hz

@@ -18,6 +18,13 @@ class RobotSettings(BaseSettings):
     robot_id: str = Field("robot", pattern=r"^[A-Za-z0-9._:-]{1,64}$",
                           description="name of this robot; prefixes its session ids (one per episode)")
     endpoint: str = Field("127.0.0.1:8081", description="gRPC host:port, or the REST base URL (http://host:port)")
+    canary_endpoint: str | None = Field(
+        None, description="the canary's endpoint, same transport (KServe Standard mode: the Service "
+                          "<isvc>-canary-predictor beside <isvc>-predictor); whole episodes run there, never "
+                          "single requests")
+    canary_percent: int = Field(0, ge=0, le=100, description="share of episodes (not requests) sent to "
+                                                             "canary_endpoint, chosen per episode from a hash of its "
+                                                             "session id; 0: no canary")
     transport: Literal["grpc", "rest"] = Field("grpc", description="KServe V2 over gRPC (primary) or REST")
     model_name: str = Field(DEFAULT_MODEL_NAME, description="model name the endpoint serves")
     token: SecretStr | None = Field(None, description="bearer token, when the endpoint requires one")
@@ -45,10 +52,16 @@ class RobotSettings(BaseSettings):
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_initial_s "
                              f"({self.backoff_initial_s})")
-        if self.transport == "rest" and not self.endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"the REST transport needs an http(s):// endpoint, got {self.endpoint!r}")
-        if self.transport == "grpc" and "://" in self.endpoint:
-            raise ValueError(f"the gRPC transport needs host:port, got {self.endpoint!r}")
+        for name in ("endpoint", "canary_endpoint"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.transport == "rest" and not value.startswith(("http://", "https://")):
+                raise ValueError(f"the REST transport needs an http(s):// {name}, got {value!r}")
+            if self.transport == "grpc" and "://" in value:
+                raise ValueError(f"the gRPC transport needs host:port as {name}, got {value!r}")
+        if self.canary_percent and not self.canary_endpoint:
+            raise ValueError(f"canary_percent={self.canary_percent} needs a canary_endpoint to send those episodes to")
         return self
 
     @property

@@ -65,7 +65,7 @@ def test_edge_values_render_one_endpoint_per_task(rendered):
             assert predictor["model"]["modelFormat"] == {"name": "lingbot-va"}  # run by the chart's ServingRuntime
             c = effective_container(docs, f"lingbot-va-{task}", part)
             assert c["args"][c["args"].index("--model") + 1] == f"models:/lingbot-va-{task}@{alias}"
-            assert c["image"] == "registry.example.internal/lingbot/lingbot-va-platform:0.1.0"
+            assert c["image"] == "registry.example.internal/lingbot/lingbot-va-cuda:0.1.0"
             gpus = str(spec.get("gpus", 1))
             assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == gpus
             if "resources" in spec:
@@ -95,10 +95,14 @@ def test_external_services_values_render_only_the_endpoints(rendered):
         assert {e["name"]: e.get("value") for e in c["env"]}["LINGBOT_SERVE_DEVICE"] == "cpu"
 
 
-def test_chart_scripts_are_the_kustomize_ones():
-    """The Postgres init and MinIO setup scripts exist twice (a chart cannot read files outside itself)."""
+def test_chart_scripts_are_the_kustomize_ones(rendered):
+    """The Postgres init and MinIO setup scripts exist once: the chart's files/ are links to the kustomize base's
+    (helm follows them; kustomize may not read outside its root), and helm renders their content."""
+    (setup,) = [d for d in find(rendered("chart-default"), "ConfigMap") if "setup.sh" in d.get("data", {})]
     for name in ("postgres-init.sh", "minio-setup.sh"):
-        assert (CHART / "files" / name).read_text() == (KUSTOMIZE / "base" / "files" / name).read_text(), name
+        link = CHART / "files" / name
+        assert link.is_symlink() and link.resolve() == (KUSTOMIZE / "base" / "files" / name).resolve(), name
+    assert setup["data"]["setup.sh"] == (KUSTOMIZE / "base" / "files" / "minio-setup.sh").read_text().strip()
 
 
 def test_feature_store_configs_load_in_feast(rendered, monkeypatch):

@@ -37,11 +37,16 @@ def parse(text):
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+PIPELINES = ("pipelines/posttrain.yaml", "pipelines/pretrain.yaml")
+"""The rendered pipeline files (``lingbot render`` also renders the kustomize base's policy.yaml)."""
+
+
 def render_documents(settings=None):
-    """``{path: [documents]}`` of a fresh render (default settings unless given)."""
+    """``{path: [documents]}`` of the pipeline files of a fresh render (default settings unless given)."""
     from pipelines.cluster.render import render
 
-    return {path: parse(text) for path, text in render(settings or default_settings()).items()}
+    rendered = render(settings or default_settings())
+    return {path: parse(rendered[path]) for path in PIPELINES}
 
 
 def find(docs, kind, name=None):
@@ -83,34 +88,22 @@ def _fill(node, values):
     return node
 
 
-def _step_inputs(wt, template_name):
-    """The input parameters the first step calling ``template_name`` passes (``{{item}}``: its first item)."""
-    for t in wt["spec"]["templates"]:
-        for group in t.get("steps") or []:
-            for step in group:
-                if step.get("template") == template_name:
-                    item = (step.get("withItems") or ["sample"])[0]
-                    return {p["name"]: str(p.get("value", "")).replace("{{item}}", str(item))
-                            for p in (step.get("arguments") or {}).get("parameters") or []}
-    return {}
-
-
 def pods(docs):
     """Every pod the pipeline documents make, as a ``Pod`` carrying the labels its controller sets (Argo, the training
     operator), or the ``InferenceService`` itself (``infra_checks.workloads`` expands its predictors): what the
     infra's rule checks (tests/infra/infra_checks.py) take. Placeholders are filled with the parameters' defaults."""
-    from pipelines.cluster.validate import embedded_manifests
+    from pipelines.cluster.validate import embedded_manifests, template_inputs
 
     out = []
     for wt in [d for d in docs if d["kind"] == "WorkflowTemplate"]:
         spec, name = wt["spec"], wt["metadata"]["name"]
         params = {f"workflow.parameters.{p['name']}": str(p.get("value", ""))
                   for p in (spec.get("arguments") or {}).get("parameters") or []}
+        called = template_inputs(wt, docs)  # what each template's first call passes (a fan-out: its first item)
         for t in spec["templates"]:
             if "container" not in t:
                 continue
-            inputs = {f"inputs.parameters.{k}": v for k, v in _step_inputs(wt, t["name"]).items()}
-            values = {**params, **{k: _fill(v, params) for k, v in inputs.items()}}
+            values = {**params, **{f"inputs.parameters.{k}": v for k, v in called.get(t["name"], {}).items()}}
             pod_spec = {"serviceAccountName": t.get("serviceAccountName", spec.get("serviceAccountName")),
                         "securityContext": t.get("securityContext", spec.get("securityContext")),
                         "volumes": [*(spec.get("volumes") or []), *(t.get("volumes") or [])],
@@ -120,7 +113,8 @@ def pods(docs):
                         "spec": _fill(pod_spec, values)})
         for _, _, manifest in embedded_manifests(wt, docs):
             if manifest["kind"] == "PyTorchJob":
-                job = manifest["metadata"]["name"]
+                meta = manifest["metadata"]
+                job = meta.get("name") or f"{meta['generateName']}sample"  # the API server completes a generateName
                 for rtype, replica in manifest["spec"]["pytorchReplicaSpecs"].items():
                     template = replica["template"]
                     labels = {**((template.get("metadata") or {}).get("labels") or {}),

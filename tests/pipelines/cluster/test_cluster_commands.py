@@ -141,12 +141,16 @@ def _rendered():
 EXPECTED = {  # the program and subcommand of each container (both replicas of a PyTorchJob run the same)
     "pipelines/posttrain.yaml": {
         "Pod/lingbot-va-posttrain.dvc-get container main": ["dvc", "get"],
-        "Pod/sample-train-master container pytorch": ["torchrun", "-m", "pipelines.cli", "train", "posttrain"],
+        "Pod/lingbot-va-posttrain.prepare container main": ["lingbot", "data", "prepare"],
+        "Pod/sample-encode-master container pytorch": ["torchrun", "-m", "pipelines.cli", "data", "encode"],
+        "Pod/posttrain-reach-v3-sample-master container pytorch": ["torchrun", "-m", "pipelines.cli", "train",
+                                                                   "posttrain"],
         "Pod/lingbot-va-posttrain.gate container main": ["lingbot", "evaluate"],
         "InferenceService/lingbot-va-reach-v3 predictor container kserve-container": ["lingbot", "serve"],
         "InferenceService/lingbot-va-reach-v3 canary[0] container kserve-container": ["lingbot", "serve"]},
     "pipelines/pretrain.yaml": {
         "Pod/lingbot-va-pretrain.dvc-get container main": ["dvc", "get"],
+        "Pod/lingbot-va-pretrain.prepare container main": ["lingbot", "data", "prepare"],
         "Pod/sample-encode-master container pytorch": ["torchrun", "-m", "pipelines.cli", "data", "encode"],
         "Pod/sample-encode-worker container pytorch": ["torchrun", "-m", "pipelines.cli", "data", "encode"],
         "Pod/sample-train-master container pytorch": ["torchrun", "-m", "pipelines.cli", "train", "pretrain"],
@@ -257,6 +261,12 @@ PLANTED = [
                  id="gate-abbreviated-flag"),
     pytest.param(PRE, _edit_manifest("encode", "- --episodes-dir", "- --episode-dir"), "unrecognized arguments",
                  id="encode-invented-flag"),
+    pytest.param(POST, _edit_manifest("encode", "- --vae", "- --vae-path"), "unrecognized arguments",
+                 id="encode-vae-flag"),
+    pytest.param(PRE, _edit_args("prepare", "--text-encoder", "--text-encoder-path"), "unrecognized arguments",
+                 id="prepare-text-encoder-flag"),
+    pytest.param(POST, _edit_manifest("train", "- --init-from", "- --init"), "--init: not a flag",
+                 id="posttrain-abbreviated-init-flag"),
     pytest.param(PRE, lambda docs: template(find(docs, "WorkflowTemplate"), "dvc-get")["container"]["args"].append(
                  "--revision"), "rejected by dvc's parser", id="dvc-invented-flag"),
 ]

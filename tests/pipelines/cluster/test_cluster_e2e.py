@@ -1,11 +1,14 @@
-"""End to end on a real cluster: `kubectl apply` the committed post-training pipeline with a tiny preset, wait for
-the run, then ask the deployed InferenceService a V2 question.
+"""End to end on a real cluster: `kubectl apply` the chain, rendered small (a few steps, the gate on 2 episodes):
+pretraining registers lingbot-va-base, post-training of one task starts from it and deploys it; then the deployed
+InferenceService answers a V2 question.
 
 Runs only with LINGBOT_CLUSTER_TESTS=1 against the current kubectl context, which needs Argo Workflows, the Kubeflow
 training operator, KServe (Standard mode), the platform's infra (infra/kustomize: MLflow, MinIO, the pipelines'
 service account and Role, the ``lingbot-va-s3`` and ``lingbot-va-policy-token`` Secrets), the DVC data at
-``data-version`` and the images pushed. LINGBOT_E2E_TASK (default reach-v3) picks the task,
-LINGBOT_E2E_TIMEOUT_S (default 7200) bounds the run.
+``data_version``, the images pushed and the Wan2.2 encoders on the data volume. The rest comes from the
+LINGBOT_CLUSTER_* settings of the environment (a small GPU pool: LINGBOT_CLUSTER_GPUS_PER_NODE, _PRETRAIN_NODES, ...;
+a preset whose widths are the encoders', e.g. LINGBOT_CLUSTER_PRESET=base-1b). LINGBOT_E2E_TASK (default reach-v3)
+picks the task, LINGBOT_E2E_TIMEOUT_S (default 7200) bounds each run.
 """
 
 import json
@@ -19,8 +22,6 @@ import urllib.request
 import pytest
 import yaml
 from cluster_docs import find, parse
-
-from pipelines.settings import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
@@ -64,18 +65,13 @@ def _get_json(url, attempts=30):
     raise AssertionError("unreachable")
 
 
-def test_posttrain_pipeline_deploys_a_policy_that_answers_v2(cluster, tmp_path):
-    task = os.environ.get("LINGBOT_E2E_TASK", "reach-v3")
-    timeout = float(os.environ.get("LINGBOT_E2E_TIMEOUT_S", "7200"))
-    docs = parse((REPO_ROOT / "pipelines" / "posttrain.yaml").read_text())
+def _apply_and_wait(docs, tmp_path, timeout):
+    """`kubectl apply` the documents of one rendered file and wait for its run (one that ran before is deleted
+    first: the same settings name the same run, which applying again would leave alone)."""
     run = find(docs, "Workflow")
     namespace, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    run["spec"]["arguments"]["parameters"] = [
-        {"name": "task", "value": task}, {"name": "preset", "value": "tiny"}, {"name": "steps", "value": "4"},
-        {"name": "eval-episodes", "value": "2"}]
-    manifest = tmp_path / "posttrain.yaml"
+    manifest = tmp_path / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-
     kubectl("delete", "workflow", name, "-n", namespace, "--ignore-not-found", "--wait=true", timeout=300)
     kubectl("apply", "-f", str(manifest))
     deadline, phase = time.monotonic() + timeout, ""
@@ -86,6 +82,20 @@ def test_posttrain_pipeline_deploys_a_policy_that_answers_v2(cluster, tmp_path):
         time.sleep(20)
     message = kubectl("get", "workflow", name, "-n", namespace, "-o", "jsonpath={.status.message}").stdout
     assert phase == "Succeeded", f"workflow {name}: {phase or 'still running'}: {message}"
+
+
+def test_the_chain_deploys_a_policy_that_answers_v2(cluster, tmp_path):
+    from pipelines.cluster.render import render
+    from pipelines.cluster.settings import ClusterSettings
+
+    task = os.environ.get("LINGBOT_E2E_TASK", "reach-v3")
+    timeout = float(os.environ.get("LINGBOT_E2E_TIMEOUT_S", "7200"))
+    settings = ClusterSettings().model_copy(update={"tasks": [task], "pretrain_steps": 4, "posttrain_steps": 4,
+                                                    "eval_episodes": 2})
+    rendered = {path: parse(text) for path, text in render(settings).items()}
+    _apply_and_wait(rendered["pipelines/pretrain.yaml"], tmp_path, timeout)  # registers lingbot-va-base@challenger
+    _apply_and_wait(rendered["pipelines/posttrain.yaml"], tmp_path, timeout)
+    namespace = settings.namespace
 
     isvc = f"lingbot-va-{task}"
     kubectl("wait", "--for=condition=Ready", f"inferenceservice/{isvc}", "-n", namespace, "--timeout=900s",

@@ -1,15 +1,21 @@
 """Container images without a Docker engine: each Dockerfile parses, copies files that exist (and that the
-.dockerignore lets through), runs the `lingbot` CLI as a non-root user; every image the manifests use is built here."""
+.dockerignore lets through), runs the `lingbot` CLI as a non-root user; every platform image the manifests use (the
+pipelines, the kustomize sets, the chart) is one `make images` builds, tagged from the same settings."""
 
 import fnmatch
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
-from cluster_docs import default_settings, embedded, find, render_documents
+from cluster_docs import default_settings, embedded, find, infra_checks, infra_documents, render_documents
 
 from pipelines.cluster.images import CPU_IMAGE, GPU_IMAGE, IMAGES
+from pipelines.cluster.render import image_builds
 from pipelines.settings import REPO_ROOT
+
+ALL_SETS = infra_checks().ALL_SETS
 
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
                 "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
@@ -97,9 +103,7 @@ def _images_in(node, params):
             yield from _images_in(value, params)
 
 
-def test_every_image_the_manifests_use_is_built_here():
-    settings = default_settings()
-    built = {settings.image(name) for name in IMAGES}
+def _pipeline_images(settings):
     used = set()
     for docs in render_documents(settings).values():
         wt = find(docs, "WorkflowTemplate")
@@ -108,7 +112,49 @@ def test_every_image_the_manifests_use_is_built_here():
         for t in wt["spec"]["templates"]:
             if "resource" in t:
                 used |= set(_images_in(embedded(docs, t["name"]), params))
-    assert used == {settings.image(CPU_IMAGE), settings.image(GPU_IMAGE)} == built
+    return used
+
+
+def test_every_image_the_manifests_use_is_built_here():
+    settings = default_settings()
+    built = {image for _, image in image_builds(settings)}
+    assert _pipeline_images(settings) == {settings.image(CPU_IMAGE), settings.image(GPU_IMAGE)} == built
+    # another registry and tag (LINGBOT_CLUSTER_REGISTRY / _TAG): the manifests and `make images` follow together
+    moved = default_settings(registry="registry.example.internal/lingbot", tag="2.0.0")
+    assert _pipeline_images(moved) == {image for _, image in image_builds(moved)}
+
+
+@pytest.mark.parametrize("name", ALL_SETS)
+def test_every_platform_image_of_the_infra_is_one_make_images_builds(name):
+    """The kustomize sets and the chart (every CI values file) run only images `make images` builds: with the
+    default settings, the very references; under another registry (ci/edge-values.yaml), the same names and tag."""
+    settings = default_settings()
+    docs = infra_documents(name)
+    ours = {image for image in _images_in(docs, {}) if image.rpartition("/")[2].startswith("lingbot")}
+    assert ours, f"{name} runs no platform image"
+    for image in ours:
+        registry, _, rest = image.rpartition("/")
+        built = {ref for _, ref in image_builds(default_settings(registry=registry, tag=rest.partition(":")[2]))}
+        assert image in built, f"{name}: {image} is no image `make images` builds ({sorted(built)})"
+        if name.startswith("kustomize") or name == "chart-default":
+            assert image in {ref for _, ref in image_builds(settings)}, f"{name}: {image} is not the settings' tag"
+
+
+def test_make_images_builds_the_listed_images_with_docker():
+    """`make images` (dry run: no Docker engine here) builds each `<Dockerfile> <image>` line of `lingbot render
+    --images` from the repository root, and the shell it runs is valid."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run([make, "-n", "-o", ".venv/.installed", "images"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    script = done.stdout
+    assert script.startswith(".venv/bin/lingbot render --images | while read -r dockerfile image; do")
+    assert 'docker build -f "$dockerfile" -t "$image" . || exit 1' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    for dockerfile, _ in image_builds(default_settings()):
+        assert (REPO_ROOT / dockerfile).is_file()
 
 
 def test_parser_rejects_what_docker_would():

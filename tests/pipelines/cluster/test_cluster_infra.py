@@ -106,9 +106,14 @@ def _walk(node, path=""):
             yield from _walk(value, f"{path}[{i}]")
 
 
+def _name(doc):
+    """``metadata.name``, or the ``generateName`` prefix the API server completes (a post-training job)."""
+    return doc["metadata"].get("name") or f"{doc['metadata']['generateName']}*"
+
+
 def references(doc):
     """``(kind, name, key or None, where)`` of every ServiceAccount, Secret, ConfigMap and Role ``doc`` uses."""
-    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    where = f"{doc['kind']}/{_name(doc)}"
     for path, node in _walk(doc):
         at = f"{where} {path}"
         if isinstance(node.get("serviceAccountName"), str):
@@ -132,7 +137,7 @@ def ownership_problems(pipeline_docs, infra_docs):
     problems, owned = [], {(d["kind"], d["metadata"]["name"]): d for d in infra_docs}
     docs = all_documents(pipeline_docs)
     for doc in docs:
-        key = (doc["kind"], doc["metadata"]["name"])
+        key = (doc["kind"], _name(doc))
         if doc["kind"] in SHARED_KINDS and key in owned and _content(doc) != _content(owned[key]):
             problems.append(f"{key[0]}/{key[1]}: the infra's object of this name differs ({_content(owned[key])} "
                             f"there, {_content(doc)} here): whichever is applied last wins")
@@ -183,7 +188,7 @@ INFRA_SETS = ["kustomize-base", "chart-default"]
 @pytest.mark.parametrize("path", ["pipelines/posttrain.yaml", "pipelines/pretrain.yaml"])
 def test_pipeline_files_contain_nothing_the_infra_owns(path):
     docs = all_documents(_rendered("kustomize-base")[path])
-    assert [f"{d['kind']}/{d['metadata']['name']}" for d in docs if d["kind"] in SHARED_KINDS] == []
+    assert [f"{d['kind']}/{_name(d)}" for d in docs if d["kind"] in SHARED_KINDS] == []
 
 
 @pytest.mark.parametrize("infra", INFRA_SETS)
@@ -271,8 +276,9 @@ def test_planted_ownership_error_is_caught(infra, mutate, check, expected):
 
 
 # ------------------------------------------------------------------------------------------- the infra's rules
-EXPECTED_WORKLOADS = {"pipelines/posttrain.yaml": 5, "pipelines/pretrain.yaml": 5}
-"""dvc-get + gate + train Master + the endpoint's predictor and canary; dvc-get + encode and train Master/Worker."""
+EXPECTED_WORKLOADS = {"pipelines/posttrain.yaml": 7, "pipelines/pretrain.yaml": 6}
+"""dvc-get + prepare + encode Master + train Master + gate + the endpoint's predictor and canary; dvc-get + prepare +
+encode and train Master/Worker."""
 
 
 def _rule_problems(docs):
@@ -340,10 +346,10 @@ RULES = [
     pytest.param(lambda d: _gate(d)["resources"].pop("limits"), _rule_problems,
                  "gate container main: resources.limits lacks cpu, memory", id="gate-unbounded"),
     pytest.param(_edit_manifest("train", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
-                 _rule_problems, "Pod/sample-train-master container pytorch: the root filesystem is writable",
+                 _rule_problems, "Pod/posttrain-reach-v3-sample-master container pytorch: the root filesystem is writable",
                  id="training-writable-root"),
     pytest.param(_edit_manifest("train", "limits:\n", "requests_:\n"), _rule_problems,
-                 "Pod/sample-train-master container pytorch: resources.limits lacks cpu, memory",
+                 "Pod/posttrain-reach-v3-sample-master container pytorch: resources.limits lacks cpu, memory",
                  id="training-unbounded"),
     pytest.param(_edit_manifest("deploy", "runAsNonRoot: true", "runAsNonRoot: false"), _rule_problems,
                  "InferenceService/lingbot-va-reach-v3 predictor container kserve-container: runAsNonRoot is not true",
@@ -443,6 +449,41 @@ def test_serving_runtime_is_the_infras(infra):
     theirs = find(infra_documents(infra), "ServingRuntime")
     assert ours["metadata"]["name"] == theirs["metadata"]["name"]
     assert _runtime_spec(ours) == _runtime_spec(theirs)
+
+
+CHART_ENDPOINTS = [
+    pytest.param("chart-default", {}, id="chart-default"),
+    pytest.param("chart-external", {  # ci/external-services-values.yaml: CPU endpoints, no edge pinning
+        "mlflow_uri": "https://mlflow.example.internal", "serve_gpus": 0, "edge_node_selector": {},
+        "edge_tolerations": [], "serve_memory": "4Gi", "serve_memory_limit": "8Gi"}, id="chart-external"),
+]
+
+
+@pytest.mark.parametrize("infra, overrides", CHART_ENDPOINTS)
+def test_the_charts_endpoints_are_the_typed_builders(infra, overrides):
+    """One source of the endpoint: ``manifests.infra_endpoint`` (which also renders the kustomize base's). The chart
+    templates it from its values; for the same settings every endpoint it renders is the builder's, pods as KServe
+    makes them included, but for Helm's own labels."""
+    from pipelines.cluster import manifests
+
+    s = chart_settings().model_copy(update=overrides)
+    docs = infra_documents(infra)
+    runtime = manifests.to_dict(manifests.serving_runtime(s))
+    assert _runtime_spec(find(docs, "ServingRuntime")) == _runtime_spec(runtime)
+    endpoints = [d for d in docs if d["kind"] == "InferenceService"]
+    assert endpoints
+    for theirs in endpoints:
+        task = theirs["metadata"]["labels"]["platform.lingbot-va.io/task"]
+        ours = manifests.to_dict(manifests.infra_endpoint(s, task=task, mlflow_uri=s.mlflow_uri))
+        assert ours["metadata"]["name"] == theirs["metadata"]["name"]
+        assert ours["metadata"]["labels"].items() <= theirs["metadata"]["labels"].items()  # Helm adds its own
+        assert ours["metadata"]["annotations"] == theirs["metadata"]["annotations"]
+        (_, pod), = pod_specs(ours, [runtime])
+        (_, chart_pod), = pod_specs(theirs, docs)
+        chart_pod = {k: v for k, v in chart_pod.items() if k != "labels"}  # the chart's pod labels (task, variant)
+        for c in chart_pod["containers"]:
+            c.pop("imagePullPolicy", None)
+        assert chart_pod == pod, task
 
 
 def _model(isvc, runtime):

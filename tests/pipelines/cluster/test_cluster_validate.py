@@ -147,6 +147,15 @@ def _step(docs, index):
     return template(_wt(docs), "posttrain")["steps"][index][0]
 
 
+def _without_value(name):
+    """The run passes no value for parameter ``name`` and the template has no default."""
+    def mutate(docs):
+        run = find(docs, "Workflow")["spec"]["arguments"]
+        run["parameters"] = [p for p in run["parameters"] if p["name"] != name]
+        next(p for p in _wt(docs)["spec"]["arguments"]["parameters"] if p["name"] == name).pop("value")
+    return mutate
+
+
 CR = [needs_crds]
 PLANTED = [
     # PyTorchJob: CRD schema (strict) and the training operator's webhook
@@ -316,8 +325,8 @@ PLANTED = [
                  id="workflow-unknown-field", marks=CR),
     pytest.param("posttrain", lambda d: find(d, "Workflow")["spec"]["workflowTemplateRef"].update(name="nope"),
                  None, id="workflow-ref-to-cluster-template-is-not-checked", marks=CR),
-    pytest.param("posttrain", lambda d: _wt(d)["spec"]["arguments"]["parameters"][2].pop("value"),
-                 "arguments.parameters[preset]: no value", id="workflow-parameter-without-value", marks=CR),
+    pytest.param("posttrain", _without_value("preset"), "arguments.parameters[preset]: no value",
+                 id="workflow-parameter-without-value", marks=CR),
     pytest.param("posttrain", _edit_manifest("train", "name: pytorch", "name: trainer"),
                  "templates[train].resource.manifest[0]: PyTorchJob/", id="workflow-embedded-pytorchjob-error",
                  marks=CR),
@@ -351,8 +360,8 @@ def test_rendered_manifests_are_valid(path):
     assert validate_documents(docs) == []
     wt = find(docs, "WorkflowTemplate")
     kinds = {t["name"]: embedded(docs, t["name"])["kind"] for t in wt["spec"]["templates"] if "resource" in t}
-    assert kinds == ({"train": "PyTorchJob", "deploy": "InferenceService"} if "posttrain" in path
-                     else {"encode": "PyTorchJob", "train": "PyTorchJob"})
+    assert kinds == ({"encode": "PyTorchJob", "train": "PyTorchJob", "deploy": "InferenceService"}
+                     if "posttrain" in path else {"encode": "PyTorchJob", "train": "PyTorchJob"})
 
 
 @needs_crds

@@ -1,5 +1,6 @@
 """`dvc repro` of the whole DAG (collect -> ... -> evaluate) on a copy of the project, a no-op rerun, push/pull to S3 (moto)."""
 
+import json
 import os
 import shutil
 import socket
@@ -55,6 +56,50 @@ def test_repro_builds_every_stage(project):
     # the gate's decision is a metric users read with `dvc metrics show` (2 training steps never pass the gate)
     shown = run(["dvc", "metrics", "show", "--json"], root, env)
     assert "eval-reach-v3.json" in shown and "avg_success" in shown
+
+
+def test_plots_render(project):
+    """`dvc plots show`: the training loss curves, success per task and planning latency, each with data."""
+    root, env, _ = project
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], root, env))
+    assert not shown.get("errors"), shown.get("errors")
+    expected = {"pretrain loss", "data/runs/posttrain-reach-v3/loss.csv", "data/metrics/eval-reach-v3.csv",
+                "data/metrics/eval-reach-v3-latency.csv"}
+    assert expected <= set(shown["data"])
+    for plot_id in expected:
+        values = shown["data"][plot_id][0]["content"]["data"]["values"]
+        assert values, plot_id
+    assert {v["task"] for v in shown["data"]["data/metrics/eval-reach-v3.csv"][0]["content"]["data"]["values"]} == {
+        "reach-v3"}
+    run(["dvc", "plots", "show", "-o", str(root / "plots-html")], root, env)
+    assert (root / "plots-html" / "index.html").is_file()
+
+
+def test_training_and_gate_runs_carry_the_dvc_hashes(project):
+    """mlflow.search_runs: training and gate runs list the DVC-hashed data folders as dataset inputs, the gate run
+    names the version it judged, and all of them hang under one pipeline parent run."""
+    import mlflow
+
+    root, _, _ = project
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    md5 = {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    expected = {name: md5[f"data/{name}"] for name in ("episodes", "prepared", "latents")}
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'data' / 'mlflow' / 'mlflow.db'}")
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        training = [r for r in runs if r.data.tags.get("stage") in ("pretrain", "posttrain")]
+        gates = [r for r in runs if "gate.decision" in r.data.tags]
+        assert len(training) == 2 and len(gates) == 1
+        for r in training + gates:
+            assert {d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs} == expected
+            assert {k: r.data.tags[f"dvc.{k}"] for k in expected} == expected
+        assert len({r.data.tags["mlflow.parentRunId"] for r in training + gates}) == 1
+        (gate,) = gates
+        registered = json.loads((root / "data" / "runs" / "posttrain-reach-v3" / "registered.json").read_text())
+        assert gate.data.params["model_uri"] == registered["model_uri"]  # the version, not @challenger
+        assert gate.data.tags["training_run_id"] == registered["run_id"]
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_second_repro_is_a_no_op(project):

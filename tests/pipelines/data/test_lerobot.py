@@ -6,6 +6,7 @@ so the reader is checked against the format rather than against our own writer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from fractions import Fraction
@@ -325,6 +326,7 @@ def make_episode(i: int, T: int, *, fps: int = FPS, size: int = SIZE) -> Episode
         fps=fps,
         seed=100 + i,
         extra={"camera_names": list(CAMERAS), "attempt": i},
+        action_names=("dx", "dy", "dz", "grip"),
     )
 
 
@@ -335,36 +337,47 @@ def test_writer_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary folder left behind
 
     info = json.loads((root / "meta/info.json").read_text())
-    assert info["codebase_version"] == "v2.1" and info["robot_type"] == "sawyer" and info["fps"] == FPS
+    assert info["codebase_version"] == "v3.0" and info["robot_type"] == "sawyer" and info["fps"] == FPS
     assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, 24, 2)
-    assert (info["total_videos"], info["total_chunks"], info["chunks_size"]) == (6, 1, 1000)
+    assert (info["chunks_size"], info["data_files_size_in_mb"], info["video_files_size_in_mb"]) == (1000, 100, 200)
+    assert "total_videos" not in info and "total_chunks" not in info  # v2 keys LeRobot 0.6 warns about
     assert info["splits"] == {"train": "0:3"}
-    assert info["data_path"] == "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
-    assert info["video_path"] == "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+    assert info["video_path"] == "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
     features = info["features"]
     assert set(features) == {"observation.state", "action", "observation.images.top", "observation.images.wrist",
                              "timestamp", "frame_index", "episode_index", "index", "task_index", "next.success",
                              "next.done"}
     assert features["observation.state"]["shape"] == [39] and features["action"]["shape"] == [4]
+    assert features["action"]["names"] == ["dx", "dy", "dz", "grip"]  # the episodes' names, not action_0..3
+    assert features["observation.state"]["names"] == [f"state_{i}" for i in range(39)]  # unnamed: numbered
     top = features["observation.images.top"]
     assert top["dtype"] == "video" and top["shape"] == [SIZE, SIZE, 3]
     assert top["info"]["video.codec"] == "h264" and top["info"]["video.pix_fmt"] == "yuv420p"
 
-    table = pq.read_table(root / "data/chunk-000/episode_000001.parquet")
+    # every episode in one shared parquet (a row group each) and one mp4 per camera
+    data_file = pq.ParquetFile(root / "data/chunk-000/file-000.parquet")
+    assert data_file.metadata.num_row_groups == 3
+    table = data_file.read()
     assert set(table.column_names) == set(features) - {"observation.images.top", "observation.images.wrist"}
-    assert table.column("index").to_pylist() == list(range(8, 19))
-    np.testing.assert_allclose(table.column("timestamp").to_numpy(), np.arange(11) / FPS, atol=1e-6)
-    assert table.column("next.done").to_pylist() == [False] * 10 + [True]
-    for cam in CAMERAS:
-        assert (root / f"videos/chunk-000/observation.images.{cam}/episode_000002.mp4").is_file()
+    assert table.column("index").to_pylist() == list(range(24))
+    assert table.column("episode_index").to_pylist() == [0] * 8 + [1] * 11 + [2] * 5
+    np.testing.assert_allclose(table.column("timestamp").to_numpy()[8:19], np.arange(11) / FPS, atol=1e-6)
+    assert table.column("next.done").to_pylist()[8:19] == [False] * 10 + [True]
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.mp4")) == [
+        f"videos/observation.images.{cam}/chunk-000/file-000.mp4" for cam in CAMERAS]
 
-    lines = [json.loads(x) for x in (root / "meta/episodes.jsonl").read_text().splitlines()]
-    assert [(x["episode_index"], x["length"], x["tasks"]) for x in lines] == [
-        (0, 8, ["reach the red goal"]), (1, 11, ["push the puck to the goal"]), (2, 5, ["reach the red goal"])]
-    tasks = [json.loads(x) for x in (root / "meta/tasks.jsonl").read_text().splitlines()]
-    assert tasks == [{"task_index": 0, "task": "reach the red goal"}, {"task_index": 1, "task": "push the puck to the goal"}]
-    ep_stats = [json.loads(x) for x in (root / "meta/episodes_stats.jsonl").read_text().splitlines()]
-    assert [s["stats"]["action"]["count"] for s in ep_stats] == [[8], [11], [5]]
+    rows = pd.read_parquet(root / "meta/episodes/chunk-000/file-000.parquet")
+    assert rows["episode_index"].tolist() == [0, 1, 2] and rows["length"].tolist() == [8, 11, 5]
+    assert [list(t) for t in rows["tasks"]] == [["reach the red goal"], ["push the puck to the goal"],
+                                                ["reach the red goal"]]
+    assert rows["dataset_from_index"].tolist() == [0, 8, 19] and rows["dataset_to_index"].tolist() == [8, 19, 24]
+    np.testing.assert_allclose(rows["videos/observation.images.top/from_timestamp"], [0.0, 0.8, 1.9])
+    np.testing.assert_allclose(rows["videos/observation.images.top/to_timestamp"], [0.8, 1.9, 2.4])
+    assert [list(c) for c in rows["stats/action/count"]] == [[8], [11], [5]]
+    tasks = pd.read_parquet(root / "meta/tasks.parquet")
+    assert list(tasks.index) == ["reach the red goal", "push the puck to the goal"]
+    assert tasks["task_index"].tolist() == [0, 1] and tasks.index.name == "task"
     stats = json.loads((root / "meta/stats.json").read_text())
     all_actions = np.concatenate([e.actions for e in episodes])
     np.testing.assert_allclose(stats["action"]["mean"], all_actions.mean(0), rtol=1e-5)
@@ -383,12 +396,32 @@ def test_writer_round_trip(tmp_path):
         np.testing.assert_array_equal(read.success, original.success)
         assert (read.task, read.instruction, read.embodiment, read.fps, read.seed, read.extra) == (
             original.task, original.instruction, original.embodiment, original.fps, original.seed, original.extra)
+        assert read.action_names == ("dx", "dy", "dz", "grip")
+        assert read.state_names == tuple(f"state_{i}" for i in range(39))
         for cam in CAMERAS:
             assert read.frames[cam].shape == original.frames[cam].shape
             assert mean_abs_error(read.frames[cam], original.frames[cam]) < MAX_MEAN_ABS_ERROR
     assert ds.episode_meta(1) == {"episode_index": 1, "length": 11, "instruction": "push the puck to the goal",
                                   "task": "push-v3", "embodiment": "metaworld_sawyer", "seed": 101,
                                   "extra": {"camera_names": list(CAMERAS), "attempt": 1}}
+
+
+def test_writer_starts_new_files_and_the_reader_follows(tmp_path):
+    """Episodes split over several data / video files (here 2 per file) are read back from the right file and
+    offset; a (deliberately) tiny size limit puts every further episode in a new file as well."""
+    episodes = [make_episode(i, T) for i, T in enumerate((8, 11, 5, 7, 6))]
+    root = write_lerobot_dataset(tmp_path / "ds", episodes, robot_type="sawyer", episodes_per_file=2)
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("data/*/*.parquet")) == [
+        f"data/chunk-000/file-{i:03d}.parquet" for i in range(3)]
+    rows = pd.read_parquet(root / "meta/episodes/chunk-000/file-000.parquet")
+    assert rows["data/file_index"].tolist() == [0, 0, 1, 1, 2]
+    np.testing.assert_allclose(rows["videos/observation.images.wrist/from_timestamp"], [0.0, 0.8, 0.0, 0.5, 0.0])
+    ds = LeRobotDataset(root)
+    for i in (4, 1, 3):  # out of order: no reader state carries over between files
+        np.testing.assert_array_equal(ds.episode(i).actions, episodes[i].actions)
+        assert mean_abs_error(ds.episode(i).frames["top"], episodes[i].frames["top"]) < MAX_MEAN_ABS_ERROR
+    tiny = write_lerobot_dataset(tmp_path / "tiny", episodes[:3], robot_type="sawyer", data_file_size_mb=1e-9)
+    assert len(list(tiny.glob("data/*/*.parquet"))) == 3
 
 
 def test_crash_mid_write_leaves_nothing(tmp_path):
@@ -410,6 +443,8 @@ def test_crash_mid_write_leaves_nothing(tmp_path):
         pytest.param([make_episode(0, 4)], {"fps": 30}, "episode 0 has fps 10", id="fps-argument-mismatch"),
         pytest.param([make_episode(0, 4, size=31)], {}, "even height and width", id="odd-frame-size"),
         pytest.param([make_episode(0, 4)], {"video_codec": "no-such-codec"}, "not available", id="unknown-codec"),
+        pytest.param([make_episode(0, 4), dataclasses.replace(make_episode(1, 4), action_names=("a", "b", "c", "d"))],
+                     {}, "episode 1 has action_names", id="names-mismatch"),
     ],
 )
 def test_writer_rejects_bad_input_and_cleans_up(tmp_path, episodes, kwargs, message):
@@ -484,7 +519,9 @@ def test_import_quarantines_exactly_the_bad_episode(tmp_path, v21, reference, co
     assert (quarantine / "meta/info.json").is_file()
 
     out = LeRobotDataset(dst)
-    assert len(out) == 2
+    assert len(out) == 2 and out.version == "v3.0"
+    # the source's feature names survive the import (they used to become state_0.. / action_0..)
+    assert (out.state_names, out.action_names) == (("x", "y", "z", "gripper"), ("dx", "dy", "dz", "grip"))
     for ep, ref in zip(out, (reference[0], reference[2]), strict=True):
         assert_matches_reference(ep, ref)
         assert ep.embodiment == "so100_arm"
@@ -507,7 +544,7 @@ def test_import_from_v30_quarantines_from_shared_files(tmp_path, reference):
     assert report["quarantined"][0]["episode_index"] == 2
     assert "data/chunk-000/file-000.parquet" in report["quarantined"][0]["files"]
     out = LeRobotDataset(tmp_path / "imported")
-    assert out.version == "v2.1"
+    assert out.version == "v3.0"
     for ep, ref in zip(out, reference[:2], strict=True):
         assert_matches_reference(ep, ref)
 

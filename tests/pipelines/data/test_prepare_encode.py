@@ -1,5 +1,6 @@
 """prepare -> encode -> loader on small LeRobot datasets, including torchrun with 2 ranks and bad-data quarantine."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,11 +35,11 @@ def fake_episode(rng, task, length):
                    embodiment="metaworld-sawyer", fps=80, seed=0)
 
 
-def write_datasets(root: Path, n: int = 5) -> Path:
+def write_datasets(root: Path, n: int = 5, episodes_per_file: int | None = None) -> Path:
     rng = np.random.default_rng(0)
     for task in ("task-a", "task-b"):
         eps = [fake_episode(rng, task, 21 + 4 * i) for i in range(n)]
-        write_lerobot_dataset(root / f"sim-{task}", eps, robot_type="sawyer", fps=80)
+        write_lerobot_dataset(root / f"sim-{task}", eps, robot_type="sawyer", fps=80, episodes_per_file=episodes_per_file)
     return root
 
 
@@ -77,7 +78,7 @@ def test_prepare_fits_stats_on_train_only_and_publishes_features(data):
         split = json.loads((data / "prepared" / name / "split.json").read_text())
         ds = LeRobotDataset(data / "episodes" / name)
         for i in split["train"]:
-            t = pd.read_parquet(ds.data_file(i))
+            t = ds.frame_table(i).to_pandas()
             train_actions.append(adapter.to_unified(np.stack(t["action"]).astype(np.float32),
                                                     np.stack(t["observation.state"]).astype(np.float32)))
     assert np.allclose(norm.q99, np.quantile(np.concatenate(train_actions), 0.99, axis=0), atol=1e-5)
@@ -161,7 +162,8 @@ def _corrupt(kind: str, ds_root: Path, index: int) -> str:
 
 @pytest.mark.parametrize("kind", ["truncated-mp4", "missing-column", "nan-actions", "too-short"])
 def test_bad_episodes_are_quarantined_and_the_rest_proceeds(tmp_path, kind):
-    write_datasets(tmp_path / "episodes", n=3)
+    # one episode per file, so corrupting episode 1's files leaves the others intact
+    write_datasets(tmp_path / "episodes", n=3, episodes_per_file=1)
     ds_root = tmp_path / "episodes" / "sim-task-a"
     if kind != "too-short":
         _corrupt(kind, ds_root, 1)
@@ -169,14 +171,15 @@ def test_bad_episodes_are_quarantined_and_the_rest_proceeds(tmp_path, kind):
     else:
         shutil.rmtree(ds_root)
         rng = np.random.default_rng(1)
-        write_lerobot_dataset(ds_root, [fake_episode(rng, "task-a", n) for n in (25, 9, 29)], robot_type="sawyer", fps=80)
+        write_lerobot_dataset(ds_root, [fake_episode(rng, "task-a", n) for n in (25, 9, 29)], robot_type="sawyer", fps=80,
+                              episodes_per_file=1)
     summary = run_prepare(tmp_path)
     report = json.loads((tmp_path / "prepared" / "quarantine" / "report.json").read_text())
     assert [(r["dataset"], r["episode_index"]) for r in report] == [("sim-task-a", 1)]
     assert report[0]["reasons"]
     assert summary["datasets"]["sim-task-a"]["quarantined"] == 1
     assert summary["datasets"]["sim-task-b"]["quarantined"] == 0
-    assert any((tmp_path / "prepared" / "quarantine" / "sim-task-a").rglob("episode_000001.*"))
+    assert any((tmp_path / "prepared" / "quarantine" / "sim-task-a").rglob("file-001.*"))  # episode 1's files
     assert (ds_root / "meta" / "info.json").is_file()  # upstream untouched
 
 
@@ -194,3 +197,26 @@ def test_model_directory_snapshots_the_features_it_trained_with(data, tmp_path):
     restored = load_snapshot(LingBotVA.from_pretrained(path).checkpoint_meta["normalization"])
     assert np.array_equal(restored["norm_stats"]["action_q99"], feats["norm_stats"]["action_q99"])
     assert np.array_equal(restored["embodiment"]["action_mask"], feats["embodiment"]["action_mask"])
+
+
+@pytest.mark.parametrize("step", ["prepare", "encode"])
+def test_encoders_whose_width_the_preset_cannot_read_are_refused_before_any_work(tmp_path, step, capsys):
+    """`--text-encoder` / `--vae` of another width than ``--preset`` (a cluster preset paper-5.3b reads umT5's 4096
+    and the Wan2.2 VAE's 48 channels): a clear error before any episode is read."""
+    from model.encoders import VideoVAE
+    from pipelines.cli import main
+
+    if step == "prepare":
+        TextEncoder.small(width=TINY.text_dim, heads=4).save_pretrained(tmp_path / "encoder")
+        flags, message = ["--text-encoder", str(tmp_path / "encoder")], f"embeds at width {TINY.text_dim}"
+    else:
+        VideoVAE.small(latent_channels=TINY.latent_channels).save_pretrained(tmp_path / "encoder")
+        flags, message = ["--vae", str(tmp_path / "encoder")], f"makes {TINY.latent_channels} latent channels"
+    argv = ["data", step, "--episodes-dir", str(tmp_path / "none"), "--preset", "small", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "preset 'small'" in err
+    argv[argv.index("small")] = "tiny"  # the encoders' own preset: past the check, on to the (missing) episodes
+    with contextlib.suppress(Exception):
+        main(argv)
+    assert message not in capsys.readouterr().err

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
+from model_dirs import write_model_dir  # this folder's self-contained tiny model directories
 from pydantic import ValidationError
 
-from model import LingBotVA, get_preset
 from pipelines.evaluate.gate import (
     CHAMPION,
     GATE_EXPERIMENT,
@@ -33,10 +33,12 @@ from pipelines.evaluate.gate import (
     compact_report,
     decide,
     gate,
+    promote,
     regression_allowance,
     rollback,
     wilson_interval,
 )
+from pipelines.lineage import data_version, data_versions, log_data_inputs
 from pipelines.train.registry import default_tracking_uri, ensure_experiment, log_and_register
 
 NAME = "lingbot-va-gate-test"
@@ -72,14 +74,20 @@ def store(tmp_path_factory):
         mp.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
         mp.setattr(socket.socket, "connect", _refuse_network)
         mlflow.telemetry.set_telemetry_client()  # re-reads the variable in case mlflow was imported earlier
-        model_dir = LingBotVA(get_preset("tiny")).save_pretrained(tmp / "m")
+        model_dir = write_model_dir(tmp / "m")
         data_dir = tmp / "data"
+        (data_dir / "episodes").mkdir(parents=True)
+        (data_dir / "episodes" / "frames.bin").write_bytes(b"recorded demonstrations")
         uri = default_tracking_uri(data_dir)
         mlflow.set_tracking_uri(uri)
         try:
-            with mlflow.start_run(experiment_id=ensure_experiment("lingbot-gate-test", data_dir)):
+            # the training run: its data as DVC-hashed dataset inputs, like the trainer logs them
+            versions = data_versions(data_dir, ("episodes",))
+            with mlflow.start_run(experiment_id=ensure_experiment("lingbot-gate-test", data_dir),
+                                  tags={"dvc.episodes": versions["episodes"].md5}) as training:
+                log_data_inputs(versions, context="training")
                 versions = [str(log_and_register(model_dir, registered_name=NAME)) for _ in range(3)]
-            yield SimpleNamespace(tmp=tmp, data_dir=data_dir, uri=uri, versions=versions,
+            yield SimpleNamespace(tmp=tmp, data_dir=data_dir, uri=uri, versions=versions, training=training.info.run_id,
                                   settings=GateSettings(tracking_uri=uri, data_dir=data_dir))
         finally:
             mlflow.set_tracking_uri(previous_uri)  # None unsets the global URI and MLFLOW_TRACKING_URI
@@ -309,6 +317,10 @@ def test_failed_decision_leaves_aliases(reg):
 # The gate run
 
 
+def version_experiment(reg, version) -> str:
+    return reg.client.get_run(version.run_id).info.experiment_id
+
+
 def test_gate_run_in_experiment(reg):
     v1 = reg.versions[0]
     video = reg.tmp / "reach-v3_seed0.mp4"
@@ -329,7 +341,24 @@ def test_gate_run_in_experiment(reg):
     assert metrics[f"progress/{TASK}"] == pytest.approx(0.72) and metrics[f"episode_wall_s/{TASK}"] == 3.1
     assert metrics[f"steps_to_success/{TASK}"] == 85.0 and "steps_to_success/push-v3" not in metrics
     params = run.data.params
-    assert params["model_uri"] == f"models:/{NAME}@challenger" and params["model_version"] == v1
+    # the version judged, not the alias that moves on
+    assert params["model_uri"] == f"models:/{NAME}/{v1}" and params["model_version"] == v1
+    assert params["requested_model_uri"] == f"models:/{NAME}@challenger"
+    # lineage: version -> LoggedModel -> training run -> its data (DVC hash), and the code's commit
+    version = reg.client.get_model_version(NAME, v1)
+    assert run.data.tags["training_run_id"] == reg.training == version.run_id
+    model_id = version.source.removeprefix("models:/")  # the LoggedModel the version was registered from
+    assert run.data.tags["model_id"] == model_id and run.inputs.model_inputs[0].model_id == model_id
+    expected = data_version(reg.data_dir / "episodes")
+    assert expected.md5.endswith(".dir") and expected.source == "computed"
+    assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [("episodes", expected.md5)]
+    assert run.data.tags["dvc.episodes"] == expected.md5 and len(run.data.tags["git_commit"]) == 40
+    # the gate's numbers are the LoggedModel's metrics too
+    found = mlflow.search_logged_models(experiment_ids=[version_experiment(reg, version)],
+                                        filter_string="metrics.avg_success > 0.5", output_format="list")
+    assert model_id in {m.model_id for m in found}
+    logged = {(m.key, round(m.value, 4), m.run_id) for m in mlflow.get_logged_model(model_id).metrics}
+    assert ("avg_success", 0.62, run_id) in logged and (f"success/{TASK}", 0.62, run_id) in logged
     assert params["mode"] == "sync" and params["episodes"] == "100" and params["gate.min_success"] == "0.5"
     artifacts = {a.path for d in ("", "videos", "gate", "tables") for a in reg.client.list_artifacts(run_id, d)}
     assert {"videos/reach-v3_seed0.mp4", "gate/tasks.json", "tables/episodes.csv"} <= artifacts
@@ -339,3 +368,24 @@ def test_gate_run_in_experiment(reg):
 
     with pytest.raises(ValueError, match="do not exist"):
         gate(report, reg.settings, videos=[reg.tmp / "missing.mp4"])
+
+
+def test_promote_by_hand_and_show(reg, capsys):
+    from pipelines.cli import main
+
+    v1, v2 = reg.versions[:2]
+    assert promote(reg.client, NAME, v1) is None
+    assert promote(reg.client, NAME, v2) == v1  # the replaced champion is kept for a rollback
+    assert _aliases(reg.client)[CHAMPION] == v2 and _aliases(reg.client)[PREVIOUS_CHAMPION] == v1
+    assert reg.client.get_model_version(NAME, v2).tags["promoted.by_hand"] == "true"
+    with pytest.raises(ValueError, match="has no version 99"):
+        promote(reg.client, NAME, "99")
+    with pytest.raises(ValueError, match="use --rollback"):
+        promote(reg.client, NAME, v1, alias=PREVIOUS_CHAMPION)
+    where = ["--name", NAME, "--tracking-uri", reg.uri, "--data-dir", str(reg.data_dir)]
+    assert main(["promote", *where, "--version", v1]) == 0
+    assert f"{CHAMPION} is version {v1} (was {v2}; now previous-champion)" in capsys.readouterr().out
+    assert main(["promote", *where, "--show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["aliases"][CHAMPION] == v1 and shown["aliases"][PREVIOUS_CHAMPION] == v2
+    assert main(["promote", *where, "--rollback"]) == 0 and _aliases(reg.client)[CHAMPION] == v2

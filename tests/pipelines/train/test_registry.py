@@ -9,8 +9,12 @@ import os
 # before mlflow is imported: its telemetry client is created at import time
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import math
+import json
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
@@ -23,7 +27,6 @@ from model import LingBotVA, get_preset
 from model.normalization import ActionNormalizer
 from pipelines.data.features import snapshot
 from pipelines.train.registry import (
-    LingBotPyfunc,
     default_tracking_uri,
     ensure_experiment,
     flatten_params,
@@ -31,10 +34,14 @@ from pipelines.train.registry import (
     log_and_register,
     parse_normalization,
     registered_name_for,
+    resolve_model,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))
+from model_dirs import write_model_dir  # the evaluation tests' self-contained model directories
+
 NAME = "lingbot-va-test"
-H = W = 4
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _stats() -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +61,8 @@ _connect = socket.socket.connect
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory):
-    """Tiny model logged twice (once in the active run, once by run id) as versions 1 and 2 of NAME."""
+    """A self-contained tiny model directory (VAE, instruction embeddings, stats, like training writes) logged twice
+    (once in the active run, once by run id) as versions 1 and 2 of NAME."""
     tmp = tmp_path_factory.mktemp("registry")
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as mp:
@@ -62,31 +70,24 @@ def reg(tmp_path_factory):
         mp.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
         mp.setattr(socket.socket, "connect", _refuse_network)
         mlflow.telemetry.set_telemetry_client()  # re-reads the variable in case mlflow was imported earlier
-        q01, q99 = _stats()
-        config = get_preset("tiny")
-        model_dir = LingBotVA(config).save_pretrained(
-            tmp / "m", normalization={"action": ActionNormalizer(q01, q99).to_dict()},
-            action_space={"embodiment": "synthetic"})
+        model_dir = write_model_dir(tmp / "m")
+        config = LingBotVA.from_pretrained(model_dir).config
         data_dir = tmp / "data"
         mlflow.set_tracking_uri(default_tracking_uri(data_dir))
         try:
             experiment = ensure_experiment("lingbot-test", data_dir)
             with mlflow.start_run(experiment_id=experiment) as run1:
                 mlflow.log_params(flatten_params({"model": config.to_dict(), "note": "x" * 10_000}, "cfg."))
-                v1 = log_and_register(model_dir, registered_name=NAME)
+                v1 = log_and_register(model_dir, registered_name=NAME, metadata={"data_version": "abc"})
             with mlflow.start_run(experiment_id=experiment) as run2:
                 pass
             v2 = log_and_register(model_dir, registered_name=NAME, run_id=run2.info.run_id)
-            yield SimpleNamespace(tmp=tmp, data_dir=data_dir, experiment=experiment, config=config, q01=q01, q99=q99,
+            mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", str(v2))
+            yield SimpleNamespace(tmp=tmp, data_dir=data_dir, experiment=experiment, config=config,
                                   versions=(v1, v2), runs=(run1.info.run_id, run2.info.run_id),
                                   model=load_registered(f"models:/{NAME}@challenger"))
         finally:
             mlflow.set_tracking_uri(previous_uri)  # None unsets the global URI and MLFLOW_TRACKING_URI
-
-
-def _request(config, seed=0, **extra) -> dict:
-    latents = np.random.default_rng(0).standard_normal((2, config.latent_channels, H, W)).astype(np.float32)
-    return {"latents": latents.tolist(), "seed": seed, **extra}
 
 
 def test_versions_alias_runs_and_artifact_location(reg):
@@ -104,56 +105,99 @@ def test_versions_alias_runs_and_artifact_location(reg):
     assert (reg.data_dir / "mlflow" / "mlflow.db").is_file()
 
 
-def test_predict_chunk_shape_denormalised_deterministic(reg):
-    c = reg.config
-    out = reg.model.predict(_request(c))
-    actions, video = np.asarray(out["actions"]), np.asarray(out["video"])
-    assert actions.shape == (c.chunk_size * c.tau, c.action_channels)
-    assert video.shape == (c.chunk_size, c.latent_channels, H, W)
-    assert np.isfinite(actions).all() and np.isfinite(video).all()
-    # normalised actions are clipped to [-1.5, 1.5] -> native range widened by a quarter span on each side
-    span = reg.q99 - reg.q01
-    assert (actions >= reg.q01 - 0.25 * span - 1e-3).all() and (actions <= reg.q99 + 0.25 * span + 1e-3).all()
+def test_the_logged_model_explains_itself(reg):
+    """Signature (what a robot sends, what comes back), input example, descriptions, code and requirements."""
+    client = mlflow.MlflowClient()
+    meta = reg.model.metadata
+    inputs = {spec.name: spec for spec in meta.signature.inputs.inputs}
+    assert list(inputs) == ["images", "state", "instruction"]
+    assert (inputs["images"].type, inputs["images"].shape) == (np.dtype(np.uint8), (-1, 2, 32, 32, 3))
+    assert (inputs["state"].type, inputs["state"].shape) == (np.dtype(np.float32), (-1, 4))
+    assert inputs["instruction"].type == np.dtype(str)
+    outputs = {spec.name: spec.shape for spec in meta.signature.outputs.inputs}
+    steps = reg.config.chunk_size * reg.config.tau
+    assert outputs == {"actions": (-1, steps, 4), "unified_actions": (-1, steps, 30)}
+    assert [(p.name, p.default) for p in meta.signature.params.params] == [("seed", 0)]
+    example = reg.model.input_example
+    assert example["images"].shape == (1, 2, 32, 32, 3) and example["images"].dtype == np.uint8
+    assert list(example["instruction"]) == ["reach-v3"]
+    assert meta.metadata["embodiment"] == "metaworld-sawyer" and meta.metadata["cameras"] == ["corner4", "gripperPOV"]
+    v1 = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    assert v1.metadata["data_version"] == "abc"
+    for text in (client.get_registered_model(NAME).description, client.get_model_version(NAME, "2").description):
+        assert "images" in text and "instruction" in text and "metaworld-sawyer" in text
+    assert reg.runs[1] in client.get_model_version(NAME, "2").description
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/2", dst_path=str(reg.tmp / "dl")))
+    assert sorted(p.name for p in (local / "code").iterdir()) == ["model", "pipelines"]
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "diffusers", "pydantic-settings"}
 
-    again = reg.model.predict(_request(c))
-    assert again["actions"] == out["actions"] and again["video"] == out["video"]
-    assert reg.model.predict(_request(c, seed=1))["actions"] != out["actions"]
-    # a one-row DataFrame (the scoring server's dataframe_records form) gives the same answer
-    frame = pd.DataFrame([{k: np.asarray(v) for k, v in _request(c).items()}])
-    assert reg.model.predict(frame)["actions"] == out["actions"]
 
-
-def test_predict_text_and_mask(reg):
-    c = reg.config
-    mask = np.ones(30, bool)
-    mask[[3, 28]] = False
-    text = np.random.default_rng(1).standard_normal((5, c.text_dim)).tolist()
-    actions = np.asarray(reg.model.predict(_request(c, text=text, action_mask=mask.astype(int).tolist()))["actions"])
-    assert (actions[:, ~mask] == 0).all()
-    assert (actions[:, mask] > 1.5).all()  # de-normalised: every q01 here is >= 10
+def test_predict_from_the_input_example(reg):
+    example = reg.model.input_example
+    out = reg.model.predict(example)
+    steps = reg.config.chunk_size * reg.config.tau
+    assert out["actions"].shape == (1, steps, 4) and out["unified_actions"].shape == (1, steps, 30)
+    assert np.isfinite(out["actions"]).all() and (np.abs(out["actions"]) <= 1.0).all()  # clipped native commands
+    again = reg.model.predict(example)
+    assert np.array_equal(again["actions"], out["actions"])
+    assert not np.array_equal(reg.model.predict(example, params={"seed": 1})["unified_actions"], out["unified_actions"])
+    # a batch of two robots: each row is what that robot alone would get
+    batch = {"images": np.concatenate([example["images"], example["images"][:, :, ::-1]]),
+             "state": np.concatenate([example["state"], example["state"] + 0.1]).astype(np.float32),
+             "instruction": np.array(["reach-v3", "reach-v3"])}
+    both = reg.model.predict(batch)
+    np.testing.assert_allclose(both["actions"][0], out["actions"][0], atol=1e-5)
+    # a one-row DataFrame (the scoring server's dataframe_records form) of one robot
+    pyfunc = reg.model.unwrap_python_model()
+    frame = pd.DataFrame([{"images": example["images"][0], "state": example["state"][0], "instruction": "reach-v3"}])
+    np.testing.assert_allclose(pyfunc.predict(None, frame)["actions"], out["actions"], atol=1e-5)
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"latents": np.zeros((1, 8, H, W)).tolist()}, r"latents must be \(F, 16, H, W\).*\(1, 8, 4, 4\)"),
-    ({"latents": np.zeros((16, H, W)).tolist()}, "latents must be"),
-    ({"latents": None}, "lacks 'latents'"),
-    ({"latents": [[[[0.0, math.nan]]]]}, "latents contains NaN"),
-    ({"text": np.zeros((3, 7)).tolist()}, r"text must be a \(T, 32\)"),
-    ({"action_mask": [1] * 29}, "action_mask must be 30"),
-    ({"seed": 1.5}, "seed must be an integer"),
+    ({"latents": np.zeros((1, 16, 4, 4), np.float32)}, r"unknown input fields \['latents'\]"),
+    ({"state": None}, r"lacks \['state'\]"),
+    ({"images": np.zeros((1, 2, 16, 16, 3), np.uint8)}, r"images must be \(N, 2, 32, 32, 3\)"),
+    ({"images": np.zeros((1, 2, 32, 32, 3), np.float32)}, "images must be uint8"),
+    ({"state": np.zeros((1, 7), np.float32)}, "state must be 1 finite row"),
+    ({"instruction": np.array(["push-v3"])}, "no instruction embedding for task 'push-v3'"),
 ])
 def test_predict_rejects_bad_input(reg, change, match):
+    """The pyfunc itself names what is wrong (MLflow's schema check runs first when it is called through
+    ``PyFuncModel.predict``; unknown fields are reported there as ignored, and here as an error)."""
+    pyfunc = reg.model.unwrap_python_model()
     with pytest.raises(ValueError, match=match):
-        reg.model.predict({**_request(reg.config), **change})
+        pyfunc.predict(None, {**reg.model.input_example, **change})
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        pyfunc.predict(None, reg.model.input_example, params={"seed": 1.5})
 
 
-def test_predict_rejects_several_rows(reg):
-    frame = pd.DataFrame([_request(reg.config), _request(reg.config)])
-    with pytest.raises(ValueError, match="exactly one row"):
-        reg.model.predict(frame)
+def test_the_champion_loads_and_predicts_without_the_project(reg, tmp_path):
+    """``mlflow.pyfunc.load_model`` in a fresh interpreter that cannot import this project (isolated mode, the
+    editable install's finder removed, cwd elsewhere): the code the model carries is enough."""
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "lingbot" not in getattr(f, "__module__", "")]
+        sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO)!r})]
+        assert importlib.util.find_spec("pipelines") is None and importlib.util.find_spec("model") is None
+        import mlflow, numpy as np
+        mlflow.set_tracking_uri({default_tracking_uri(reg.data_dir)!r})
+        m = mlflow.pyfunc.load_model("models:/{NAME}@champion")
+        out = m.predict(m.input_example)
+        print(json.dumps({{"actions": out["actions"].tolist(), "pipelines": sys.modules["pipelines"].__file__}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["pipelines"].startswith(str(REPO))  # imported from the model's own code/ copy
+    expected = reg.model.predict(reg.model.input_example)["actions"]
+    np.testing.assert_allclose(np.asarray(result["actions"], np.float32), expected, atol=1e-5)
 
 
-def test_snapshot_and_multi_embodiment_stats(tmp_path):
+def test_normalization_snapshot_and_multi_embodiment_stats():
     q01, q99 = _stats()
     mask = np.zeros(30, bool)
     mask[:7] = True
@@ -167,19 +211,6 @@ def test_snapshot_and_multi_embodiment_stats(tmp_path):
     assert (stats["franka"][1] == mask).all()
     multi = {"embodiments": {"franka": snapshot(features), "aloha": {"action": ActionNormalizer(-q99, -q01).to_dict()}}}
     assert sorted(parse_normalization(multi)) == ["aloha", "franka"]
-
-    # without MLflow: the pyfunc over a multi-embodiment directory picks stats and mask by name
-    config = get_preset("tiny")
-    LingBotVA(config).save_pretrained(tmp_path / "m", normalization=multi)
-    pyfunc = LingBotPyfunc()
-    pyfunc.load_model_dir(tmp_path / "m")
-    actions = np.asarray(pyfunc.predict(None, _request(config, embodiment="franka"))["actions"])
-    assert (actions[:, 7:] == 0).all() and (actions[:, :7] >= 10 - 1.25).all()
-    assert (np.asarray(pyfunc.predict(None, _request(config, embodiment="aloha"))["actions"]) < 0).all()
-    with pytest.raises(ValueError, match="several embodiments"):
-        pyfunc.predict(None, _request(config))
-    with pytest.raises(ValueError, match="unknown embodiment 'ur5'"):
-        pyfunc.predict(None, _request(config, embodiment="ur5"))
 
 
 @pytest.mark.parametrize(("stage", "task", "name"), [
@@ -227,3 +258,36 @@ def test_log_and_register_needs_a_run(tmp_path):
         log_and_register(tmp_path / "m", registered_name=NAME)
     with pytest.raises(ValueError, match="not a LingBot-VA model directory"):
         log_and_register(tmp_path / "missing", registered_name=NAME)
+
+
+@pytest.mark.parametrize("uri", [f"models:/{NAME}@challenger", f"models:/{NAME}/1"], ids=["alias", "version"])
+def test_post_training_starts_from_a_registered_model(reg, uri):
+    """``--init-from models:/...`` (the cluster's post-training starts from the registered pretrained model): the
+    version is downloaded under the data dir and read from there; a directory is used as it is."""
+    from pipelines.train.settings import TrainSettings
+    from pipelines.train.trainer import init_model_dir
+
+    settings = TrainSettings(_env_file=None, stage="posttrain", task="reach-v3", init_from=uri,
+                             data_dir=reg.data_dir, tracking_uri=default_tracking_uri(reg.data_dir))
+    model_dir = init_model_dir(settings)
+    version = 2 if uri.endswith("@challenger") else 1
+    assert model_dir.parent == reg.data_dir.resolve() / "mlflow" / "models" / f"{NAME}-v{version}" / "artifacts"
+    assert LingBotVA.from_pretrained(model_dir).config == reg.config
+    local = TrainSettings(_env_file=None, stage="posttrain", task="reach-v3", init_from=str(reg.tmp / "m"))
+    assert init_model_dir(local) == reg.tmp / "m"
+    missing = settings.model_copy(update={"init_from": f"models:/{NAME}@no-such-alias"})
+    with pytest.raises(ValueError, match="no such registered model version"):
+        init_model_dir(missing)
+
+
+def test_a_registered_version_is_moved_into_place_whole(reg):
+    """resolve_model downloads beside the target and renames: no half-written version is ever visible (tasks
+    post-trained in parallel share one data dir), and a folder an interrupted download left is replaced."""
+    data_dir = reg.tmp / "resolve"
+    target = data_dir / "mlflow" / "models" / f"{NAME}-v1"
+    (target / "artifacts").mkdir(parents=True)  # interrupted: no `done`
+    model_dir, name, version = resolve_model(f"models:/{NAME}/1", data_dir)
+    assert (name, version) == (NAME, "1") and (target / "done").read_text() == "1"
+    assert model_dir.parent == target.resolve() / "artifacts" and (model_dir / "config.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [f"{NAME}-v1"]  # no staging folder left
+    assert resolve_model(f"models:/{NAME}/1", data_dir)[0] == model_dir  # found, not downloaded again

@@ -1,4 +1,5 @@
-"""Training under torchrun + DeepSpeed (ZeRO-2/3, 2 CPU ranks), kill-and-resume, MLflow records, bad settings."""
+"""Training under torchrun + DeepSpeed (ZeRO-2/3, 2 CPU ranks), kill-and-resume (also at another world size), MLflow
+records, bad settings."""
 
 import json
 import os
@@ -7,11 +8,13 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
 from pipelines.cli import main
 from pipelines.data.synthetic import write_synthetic_lerobot
+from pipelines.lineage import data_version
 
 REPO = Path(__file__).resolve().parents[3]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
@@ -97,6 +100,85 @@ def test_kill_and_resume_continues_the_same_run(data):
         metric_history(data, straight["mlflow_run_id"], "loss"), rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("zero", "before", "after"), [(3, 2, 1), (2, 1, 2)], ids=["zero3-2to1", "zero2-1to2"])
+def test_resume_at_another_world_size_continues_the_loss(data, zero, before, after):
+    """An elastic restart at another node count: ``before`` ranks save at step 3, ``after`` ranks resume (through
+    DeepSpeed's universal checkpoint). With 2 // ranks micro-batches per rank and step the global batch stays 2, and
+    the data stream is indexed by the run's micro-batch count, so the resumed steps must reproduce the uninterrupted
+    run."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from model.lingbot_va import LingBotVA
+
+    def run(name: str, ranks: int, *extra: str) -> None:
+        cli(*train_args(data, name, "--zero-stage", str(zero), "--checkpoint-every", "3", "--no-register",
+                        "--grad-accum", str(2 // ranks), *extra), "--resume-if-present", nproc=ranks)
+
+    straight, elastic = f"ws-straight-{zero}-{before}", f"ws-elastic-{zero}-{before}to{after}"
+    run(straight, before, "--steps", "6")
+    run(elastic, before, "--steps", "6", "--max-steps-this-run", "3")
+    out = data / "runs" / elastic
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step0000003")
+    # resumed with nothing left to train (--steps 3): the model it writes right after the load is the saved one
+    run(elastic, after, "--steps", "3")
+    assert (out / "checkpoints" / "universal" / "step0000003" / "zero").is_dir()
+    loaded = LingBotVA.from_pretrained(out / "model").state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # resumed again (reusing the conversion) through step 6
+    run(elastic, after, "--steps", "6")
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["step"] == 6 and resumed["finished"]
+    assert not (out / "checkpoints" / "universal").exists()  # superseded by the checkpoint saved at step 6
+    losses = metric_history(data, resumed["mlflow_run_id"], "loss")
+    reference = metric_history(data, json.loads((data / "runs" / straight / "summary.json").read_text())["mlflow_run_id"],
+                               "loss")
+    assert len(losses) == 6 and losses[:3] == pytest.approx(reference[:3], rel=1e-6)
+    # steps 4-6: the same batches, noise, weights and Adam moments; only the order of the gradient sums differs
+    # (a wrong batch or a lost optimizer state moves the loss by far more than 1e-6)
+    assert losses[3:] == pytest.approx(reference[3:], rel=1e-6)
+    final = LingBotVA.from_pretrained(out / "model").state_dict()
+    expected = LingBotVA.from_pretrained(data / "runs" / straight / "model").state_dict()
+    assert all(torch.allclose(final[k], expected[k], rtol=1e-5, atol=1e-7) for k in expected)
+    # Adam as saved at step 6: each parameter group counted its own 6 steps and kept its weight decay (the settings'
+    # 0.01, none on norms and biases)
+    optim = torch.load(out / "checkpoints" / "step0000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                       weights_only=False)["optimizer_state_dict"]
+    adam = optim["optimizer_state_dict" if zero == 3 else "base_optimizer_state"]
+    assert [float(state["step"]) for state in adam["state"].values()] == [6.0, 6.0]
+    assert [group["weight_decay"] for group in adam["param_groups"]] == [0.01, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("saved_by", "resume", "world", "expected"),
+    [
+        pytest.param(None, "auto", 2, None, id="auto-nothing-to-resume"),
+        pytest.param(2, False, 2, None, id="no-resume"),
+        pytest.param(2, True, 2, ("checkpoints", False), id="same-world-size"),
+        pytest.param(0, "auto", 4, ("checkpoints", False), id="no-zero-partitions"),
+    ],
+)
+def test_resume_point_reads_the_native_checkpoint_unless_the_world_size_changed(tmp_path, saved_by, resume, world,
+                                                                                  expected):
+    from pipelines.train.checkpoint import resume_point
+
+    ckpt = tmp_path / "checkpoints"
+    if saved_by is not None:
+        (ckpt / "step0000003").mkdir(parents=True)
+        (ckpt / "latest").write_text("step0000003")
+        for rank in range(saved_by):
+            (ckpt / "step0000003" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    point = resume_point(ckpt, resume, world, rank=0)
+    assert point == (None if expected is None else (tmp_path / expected[0], expected[1]))
+
+
+def test_resume_without_a_checkpoint_fails(tmp_path):
+    from pipelines.train.checkpoint import resume_point
+
+    with pytest.raises(ValueError, match="no checkpoint under"):
+        resume_point(tmp_path / "checkpoints", True, 1, rank=0)
+
+
 def test_mlflow_run_holds_params_metrics_artifacts_and_registered_model(data):
     cli(*train_args(data, "tracked", "--steps", "3"))
     summary = json.loads((data / "runs" / "tracked" / "summary.json").read_text())
@@ -113,12 +195,29 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_registered_model(data):
         assert client.list_artifacts(run.info.run_id, "validation")[0].path.endswith(".png")
         version = client.get_model_version_by_alias("lingbot-va-base", "challenger")
         model = mlflow.pyfunc.load_model("models:/lingbot-va-base@challenger")
-        index = json.loads((data / "latents" / "index.json").read_text())
-        import numpy as np
-
-        latents = np.zeros((1, index["latent_channels"], 2, 4), np.float32)
-        out = model.predict({"latents": latents.tolist(), "seed": 0})
-        assert int(version.version) >= 1 and out is not None
+        # the input example is a recorded observation: the first frames of a training episode
+        example = model.input_example
+        assert example["images"].dtype == np.uint8 and example["images"].std() > 0
+        out = model.predict(example)
+        assert int(version.version) >= 1 and out["actions"].shape[0] == 1 and np.isfinite(out["actions"]).all()
+        # lineage: the folders the run read, as dataset inputs whose digests are their DVC hashes
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["episodes", "latents", "prepared"]
+        for name, entry in inputs.items():
+            expected = data_version(data / name)
+            assert entry.dataset.digest == expected.md5 and expected.md5.endswith(".dir")
+            assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "training"
+            assert run.data.params[f"data.{name}"] == run.data.tags[f"dvc.{name}"] == expected.md5
+        assert run.data.params["data_version"] == inputs["latents"].dataset.digest
+        assert model.metadata.metadata["data"]["latents"] == inputs["latents"].dataset.digest
+        # the pipeline's runs share a parent, keyed by the latents' hash
+        parent = mlflow.get_run(run.data.tags["mlflow.parentRunId"])
+        assert parent.data.tags["pipeline.data_version"] == inputs["latents"].dataset.digest
+        # DVC's loss plot and the evaluate stage's input, in the run dir
+        loss = (data / "runs" / "tracked" / "loss.csv").read_text().splitlines()
+        assert loss[0].startswith("step,loss,") and [r.split(",")[0] for r in loss[1:]] == ["1", "2", "3"]
+        registered = json.loads((data / "runs" / "tracked" / "registered.json").read_text())
+        assert registered["model_uri"] == f"models:/lingbot-va-base/{version.version}"
     finally:
         mlflow.set_tracking_uri(None)
 

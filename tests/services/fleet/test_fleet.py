@@ -1,4 +1,5 @@
-"""A simulated fleet (robot processes) against the real policy server on 127.0.0.1, through `lingbot fleet`."""
+"""A simulated fleet (robot processes) against the real policy server on 127.0.0.1 and a canary server beside it,
+through `lingbot fleet`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ sys.path.insert(0, str(MODEL_DIRS))
 from model_dirs import TASK, write_model_dir
 
 from pipelines.cli import main
-from services.fleet.fleet import run_fleet, summarize_robot
+from services.fleet.fleet import by_version, run_fleet, summarize_robot, table
 from services.fleet.settings import FleetSettings
+from services.policy_server.models import content_hash
 from services.robot_client.settings import RobotSettings
 
 
@@ -27,9 +29,17 @@ def server(tmp_path_factory):
         yield srv
 
 
-def test_fleet_command_runs_two_robots_and_writes_the_report(server, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet-canary")
+    with ServerProcess(write_model_dir(root / "model", seed=1), root / "server.log") as srv:
+        yield srv
+
+
+def test_fleet_command_runs_two_robots_and_writes_the_report(server, canary, tmp_path, capsys):
     out = tmp_path / "fleet.json"
-    code = main(["fleet", "--endpoint", server.grpc_endpoint, "--robots", "2", "--episodes", "1", "--task", TASK,
+    code = main(["fleet", "--endpoint", server.grpc_endpoint, "--canary-endpoint", canary.grpc_endpoint,
+                 "--canary-percent", "50", "--robots", "2", "--episodes", "1", "--task", TASK,
                  "--max-steps", "24", "--image-size", "32", "--control-rate-hz", "20", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -49,6 +59,14 @@ def test_fleet_command_runs_two_robots_and_writes_the_report(server, tmp_path, c
     assert sorted(e["variant"] for e in episodes) == [0, 1]
     assert len({e["session_id"] for e in episodes}) == 2  # one session per robot episode
     assert all("latency_ms" not in e for e in episodes)
+    # each episode ran whole on the endpoint its session id picked, and the report groups them by that version
+    versions = {"stable": f"dir-{content_hash(server.model)}", "canary": f"dir-{content_hash(canary.model)}"}
+    assert rep["canary_endpoint"] == canary.grpc_endpoint and rep["canary_percent"] == 50
+    for e in episodes:
+        assert e["model_version"] == versions[e["route"]] and e["resets"] == 0 and e["stale_chunks"] == 0
+    assert sum(row["episodes"] for row in rep["versions"].values()) == 2
+    for version, row in rep["versions"].items():
+        assert row["routes"] == [next(r for r, v in versions.items() if v == version)]
 
 
 def test_a_robot_that_cannot_start_is_reported_not_fatal(tmp_path):
@@ -74,3 +92,20 @@ def test_robot_summary_aggregates_its_episodes():
     assert summary["latency_ms_p50"] == pytest.approx(25.0) and summary["requests"] == 4
     assert summary["stalls"] == 1 and summary["holds"] == 2 and summary["errors"] == 1
     assert summarize_robot("r", [])["on_time_pct"] is None
+
+
+def test_report_compares_model_versions_episode_by_episode():
+    episodes = [{"model_version": "m/1", "route": "stable", "success": True},
+                {"model_version": "m/2", "route": "canary", "success": False},
+                {"model_version": "m/1", "route": "stable", "success": False},
+                {"model_version": "m/2", "route": "canary", "success": True},
+                {"model_version": "m/2", "route": "canary", "success": True},
+                {"model_version": None, "route": "canary", "success": False}]  # never got a chunk
+    versions = by_version(episodes)
+    assert versions == {
+        "m/1": {"episodes": 2, "successes": 1, "routes": ["stable"], "success_rate": 0.5},
+        "m/2": {"episodes": 3, "successes": 2, "routes": ["canary"], "success_rate": pytest.approx(2 / 3)},
+        "none": {"episodes": 1, "successes": 0, "routes": ["canary"], "success_rate": 0.0}}
+    rep = {"per_robot": [], "overall": summarize_robot("all", []), "robots_on_time": 0, "robots": 0,
+           "on_time_threshold_pct": 95.0, "deadline_ms": 50.0, "mode": "async", "wall_s": 1.0, "versions": versions}
+    assert "  m/2 (canary): 3 episodes, success 0.67" in table(rep).splitlines()

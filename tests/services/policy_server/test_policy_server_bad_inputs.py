@@ -117,6 +117,12 @@ REST_CASES = [
                  id="seq-string"),
     pytest.param(lambda c: step(c, {"session_id": ASYNC, "seq": 5}), "out of order", id="seq-out-of-order"),
     pytest.param(lambda c: reset(c, reset_params(seq=3)), "out of order", id="seq-at-reset"),
+    pytest.param(lambda c: reset(c, reset_params(model_version="")), "model_version must be a non-empty string",
+                 id="model-version-empty"),
+    pytest.param(lambda c: reset(c, reset_params(model_version="lingbot-va-x/99")), "model version not served",
+                 id="reset-pinned-to-another-version"),
+    pytest.param(lambda c: req({"session_id": ASYNC, "model_version": "lingbot-va-x/99"}), "model version not served",
+                 id="step-pinned-to-another-version"),
     pytest.param(lambda c: req({"session_id": "ghost"}), "unknown session ghost: send reset=true",
                  id="unknown-session"),
     # tensors at reset

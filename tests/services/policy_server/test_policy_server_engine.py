@@ -58,3 +58,39 @@ def test_nan_model_is_a_server_error_that_closes_the_session(tmp_path):
             engine.submit(StepRequest("n")).result(60)
     finally:
         engine.stop()
+
+
+def test_a_reset_pinned_to_its_episode_version_survives_a_hot_swap(model_dir, tmp_path):
+    """After a switch new sessions start on the new version, and a reset pinned to the old one (an episode that
+    began there restarting its session) starts on it while the server holds it. A version it never had, or no longer
+    holds, is refused; so is a step pinned to another version than its session's, which leaves the session as it
+    was."""
+    engine = _engine(model_dir, tmp_path, "engine-pin")
+    new = load_model(write_model_dir(tmp_path / "v2", seed=1), tmp_path)
+    old = engine.current.version
+    assert new.version != old
+
+    def reset(sid: str, pin: str | None = None):
+        req = StepRequest(sid, reset=True, model_version=pin, images=frames(1, 0), state=states(1, 0))
+        return engine.submit(req).result(60)
+
+    try:
+        assert reset("a").model_version == old
+        engine.switch(new)
+        assert reset("b").model_version == new.version
+        restarted = reset("a", pin=old)
+        assert (restarted.model_version, restarted.chunk_index) == (old, 0)
+        assert engine.submit(StepRequest("a", model_version=old)).result(60).model_version == old
+        with pytest.raises(InvalidInput, match="model version not served: the request is pinned to 'dir-never'"):
+            reset("c", pin="dir-never")
+        with pytest.raises(InvalidInput, match=f"model version not served: .*session b runs '{new.version}'"):
+            engine.submit(StepRequest("b", model_version=old)).result(60)
+        chunk = engine.submit(StepRequest("b", model_version=new.version)).result(60)
+        assert (chunk.model_version, chunk.chunk_index) == (new.version, 1)  # the refused step changed nothing
+        # once no session uses the old version it leaves memory: a reset pinned to it is refused from then on
+        engine.store.remove("a")
+        engine.housekeeping()
+        with pytest.raises(InvalidInput, match=f"pinned to '{old}'; this server serves '{new.version}'"):
+            reset("a", pin=old)
+    finally:
+        engine.stop()

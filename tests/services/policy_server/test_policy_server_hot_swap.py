@@ -139,6 +139,10 @@ def test_alias_moves_while_robots_step(swap_server, registry):
     assert (resp.model_version, resp.chunk_index) == (v1, 1)
     on_v2 = swap_server.step(StepRequest("on-v2", reset=True, images=frames(1, 1), state=states(1, 1)))
     assert on_v2.model_version == v2
+    # an episode begun on version 1 restarting its session (pinned) starts on version 1 again: it is still in memory
+    restart = swap_server.step(StepRequest("keeper-2", reset=True, model_version=v1, images=frames(1, 3),
+                                           state=states(1, 3)), "grpc")
+    assert (restart.model_version, restart.chunk_index) == (v1, 0)
 
     # a third version: two stay in memory (2 and 3), so version 1's sessions are told to reset
     _move_champion(registry, 3)
@@ -148,6 +152,9 @@ def test_alias_moves_while_robots_step(swap_server, registry):
         swap_server.step(StepRequest("keeper"))
     assert err.value.response.status_code == 400 and MODEL_CHANGED in err.value.response.json()["error"]
     assert swap_server.step(StepRequest("on-v2")).model_version == v2  # version 2's session goes on
+    with pytest.raises(httpx.HTTPStatusError) as err:  # ... and its episode cannot restart there: the episode ends
+        swap_server.step(StepRequest("keeper", reset=True, model_version=v1, images=frames(1, 0), state=states(1, 0)))
+    assert err.value.response.status_code == 400 and "model version not served" in err.value.response.json()["error"]
     assert swap_server.step(StepRequest("keeper", reset=True, images=frames(1, 0), state=states(1, 0))) \
         .model_version == v3
     text = swap_server.metrics()

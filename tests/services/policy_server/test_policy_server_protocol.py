@@ -36,13 +36,14 @@ def _json_model(body: dict):
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_requests_round_trip(transport):
     rng = np.random.default_rng(0)
-    full = StepRequest("robot-7.ep:3", seq=4, cameras=("corner4", "gripperPOV"),
+    full = StepRequest("robot-7.ep:3", seq=4, cameras=("corner4", "gripperPOV"), model_version="lingbot-va-x/3",
                        images=rng.integers(0, 256, (8, 2, 32, 32, 3), dtype=np.uint8),
                        actions=rng.uniform(-1, 1, (8, 4)).astype(np.float32),
                        state=rng.normal(size=(8, 4)).astype(np.float32))
     back = from_infer_request(_via(transport, to_infer_request(full)))
     assert (back.session_id, back.reset, back.mode, back.seq, back.cameras) == ("robot-7.ep:3", False, "async", 4,
                                                                               ("corner4", "gripperPOV"))
+    assert back.model_version == "lingbot-va-x/3"
     for name in ("images", "actions", "state"):
         a, b = getattr(full, name), getattr(back, name)
         assert b.dtype == a.dtype and np.array_equal(a, b), name
@@ -50,6 +51,7 @@ def test_requests_round_trip(transport):
                         state=full.state[:1])
     back = from_infer_request(_via(transport, to_infer_request(reset)))
     assert back.reset and back.instruction == "reach-v3" and back.mode == "sync" and back.actions is None
+    assert back.model_version is None  # not pinned: the server's current version
     empty = from_infer_request(_via(transport, to_infer_request(StepRequest("r"))))
     assert empty.steps == 0 and empty.images is None and not empty.reset
 
