@@ -4,6 +4,7 @@ pipelines, the kustomize sets, the chart) is one `make images` builds, tagged fr
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -146,8 +147,10 @@ def test_make_images_builds_the_listed_images_with_docker():
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    done = subprocess.run([make, "-n", "-o", ".venv/.installed", "images"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60)
+    # a fresh make, not a sub-make of `make test` (whose MAKELEVEL/MAKEFLAGS add "Entering directory" lines)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run([make, "-n", "--no-print-directory", "-o", ".venv/.installed", "images"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     script = done.stdout
     assert script.startswith(".venv/bin/lingbot render --images | while read -r dockerfile image; do")

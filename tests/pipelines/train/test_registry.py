@@ -174,11 +174,12 @@ def test_predict_rejects_bad_input(reg, change, match):
 
 def test_the_champion_loads_and_predicts_without_the_project(reg, tmp_path):
     """``mlflow.pyfunc.load_model`` in a fresh interpreter that cannot import this project (isolated mode, the
-    editable install's finder removed, cwd elsewhere): the code the model carries is enough."""
+    editable install's finder and the repo's source paths removed, cwd elsewhere): the code the model carries is enough."""
     script = textwrap.dedent(f"""
         import importlib.util, json, sys
         sys.meta_path[:] = [f for f in sys.meta_path if "lingbot" not in getattr(f, "__module__", "")]
-        sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO)!r})]
+        # the project's sources go; the interpreter's own site-packages stay, even when the venv lies inside the repo
+        sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO)!r}) or p.startswith(sys.prefix)]
         assert importlib.util.find_spec("pipelines") is None and importlib.util.find_spec("model") is None
         import mlflow, numpy as np
         mlflow.set_tracking_uri({default_tracking_uri(reg.data_dir)!r})
