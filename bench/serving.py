@@ -75,11 +75,12 @@ def session_requests(sid: str, task: str, steps: int, policy, seed: int) -> list
         return np.column_stack([rng.uniform(-0.1, 0.1, k), rng.uniform(0.5, 0.7, k), rng.uniform(0.1, 0.25, k),
                                 rng.uniform(0, 1, k)])[:, :spec.state_dim].astype(np.float32)
 
-    reqs = [StepRequest(sid, reset=True, instruction=task, images=frames(1), state=states(1)),
-            StepRequest(sid, seq=1)]
+    token = f"bench-{sid}"  # the session's owner token, on every request
+    reqs = [StepRequest(sid, reset=True, instruction=task, images=frames(1), state=states(1), session_token=token),
+            StepRequest(sid, seq=1, session_token=token)]
     for k in range(2, steps):
         actions = rng.uniform(spec.action_low, spec.action_high, (n, spec.native_action_dim)).astype(np.float32)
-        reqs.append(StepRequest(sid, seq=k, images=frames(n), actions=actions, state=states(n)))
+        reqs.append(StepRequest(sid, seq=k, images=frames(n), actions=actions, state=states(n), session_token=token))
     return reqs
 
 

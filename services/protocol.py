@@ -14,6 +14,11 @@ Request parameters
     mode         "async" (default, Algorithm 2) | "sync" (Algorithm 1); fixed at reset (ignored afterwards)
     cameras      optional, comma-separated; must equal the model's camera order
     seq          optional int: the chunk index the client expects back; a mismatch is a 4xx "out of order"
+    session_token
+                 str, binds the session to the client that opened it: a reset of a free session id may choose it
+                 (``[A-Za-z0-9._~+/=-]{8,128}``; else the server draws one), the response returns it, and every later
+                 request of that session -- a reset included -- must carry it: another client using the id is refused
+                 (HTTP 403 / PERMISSION_DENIED naming session_id) while the session is live
     model_version
                  optional str: the version the episode runs on (the ``model_version`` of its first response). A reset
                  carrying it restarts the session on that version if this server still holds it (a hot swap keeps the
@@ -42,12 +47,13 @@ Response outputs
     targets  FP32 [K*tau, 30]  the same chunk in the unified space (denormalised), so state-relative embodiments can
                                re-map every step against the live state on the robot
 Response parameters
-    model_version ("<registered name>/<version>" or the local directory's content hash), session_id, chunk_index
-    (0 for the reset response), embodiment, control_rate_hz, cameras (comma-separated), image_size.
+    model_version ("<registered name>/<version>" or the local directory's content hash), session_id, session_token,
+    chunk_index (0 for the reset response), embodiment, control_rate_hz, cameras (comma-separated), image_size.
 
 Errors
-    Client mistakes are HTTP 4xx / gRPC INVALID_ARGUMENT (or NOT_FOUND / UNAUTHENTICATED) with a message naming the
-    problem, never a 5xx (a 5xx means the model itself failed, e.g. produced NaN; that session is closed). Requests
+    Client mistakes are HTTP 4xx / gRPC INVALID_ARGUMENT (or NOT_FOUND / PERMISSION_DENIED / UNAUTHENTICATED /
+    RESOURCE_EXHAUSTED) with a message naming the field (long values shortened); unknown parameters are refused,
+    never a 5xx (a 5xx means the model itself failed, e.g. produced NaN; that session is closed). Requests
     over the size limit are 413 on REST. An unknown or evicted session answers ``unknown session <id>: send
     reset=true``; a session begun on a model version that can no longer be served answers ``model changed: send
     reset=true``; a request pinned (``model_version``) to a version this server does not serve answers ``model version
@@ -72,6 +78,7 @@ from kserve.utils.numpy_codec import to_np_dtype
 DEFAULT_MODEL_NAME = "lingbot-va"
 MODES = ("async", "sync")
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SESSION_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{8,128}")
 UNIFIED_DIM = 30
 
 UNKNOWN_SESSION = "unknown session {session_id}: send reset=true"
@@ -91,6 +98,9 @@ OUTPUTS: dict[str, tuple[str, type, int]] = {
 }
 # parameters kserve itself understands; accepted and ignored by ``from_infer_request``
 _TRANSPORT_PARAMETERS = {"binary_data_output", "content_type", "headers"}
+# the request parameters of this protocol; any other is refused (a typo must not be silently ignored)
+PARAMETERS = ("session_id", "session_token", "reset", "instruction", "mode", "cameras", "seq", "model_version")
+_INT_RANGE = {np.uint8: (0, 255)}
 
 
 @dataclass
@@ -104,6 +114,7 @@ class StepRequest:
     cameras: tuple[str, ...] | None = None
     seq: int | None = None
     model_version: str | None = None  # the version the episode is pinned to (None: whatever the server serves)
+    session_token: str | None = None  # the session's owner: chosen or returned at reset, sent on every request
     images: np.ndarray | None = None  # (N, V, H, W, 3) uint8
     actions: np.ndarray | None = None  # (N, A) float32, native
     state: np.ndarray | None = None  # (N, S) float32
@@ -127,6 +138,7 @@ class StepResponse:
     control_rate_hz: float
     cameras: tuple[str, ...] = field(default_factory=tuple)
     image_size: int | None = None
+    session_token: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,6 +157,8 @@ def to_infer_request(req: StepRequest, model_name: str = DEFAULT_MODEL_NAME) -> 
         params["seq"] = int(req.seq)
     if req.model_version is not None:
         params["model_version"] = req.model_version
+    if req.session_token is not None:
+        params["session_token"] = req.session_token
     inputs = []
     for name in INPUTS:
         value = getattr(req, name)
@@ -170,52 +184,69 @@ def from_infer_request(request: InferRequest, *, max_bytes: int | None = None) -
     if max_bytes is not None:
         size = sum(_declared_bytes(t) for t in request.inputs)
         if size > max_bytes:
-            raise InvalidInput(f"request too large: {size} bytes of tensors exceed the limit of {max_bytes}")
+            biggest = max(request.inputs, key=_declared_bytes)
+            raise InvalidInput(f"request too large: {size} bytes of tensors exceed the limit of {max_bytes} (input "
+                               f"{show(biggest.name)} declares shape {show(list(biggest.shape))})")
     params = _parameters(request.parameters)
     session_id = params.get("session_id")
     if session_id is None:
         raise InvalidInput("missing parameter session_id (one id per robot episode)")
     if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
-        raise InvalidInput(f"bad session_id {str(session_id)[:40]!r}: use 1-128 of [A-Za-z0-9._:-]")
+        raise InvalidInput(f"bad session_id {show(session_id)}: use 1-128 of [A-Za-z0-9._:-]")
+    session_token = params.get("session_token")
+    if session_token is not None and (not isinstance(session_token, str)
+                                      or not SESSION_TOKEN_PATTERN.fullmatch(session_token)):
+        raise InvalidInput(f"bad session_token ({len(str(session_token))} chars): use 8-128 of [A-Za-z0-9._~+/=-]")
     reset = params.get("reset", False)
     if not isinstance(reset, bool):
-        raise InvalidInput(f"parameter reset must be a bool, got {reset!r}")
+        raise InvalidInput(f"parameter reset must be a bool, got {show(reset)}")
     mode = params.get("mode", "async")
     if mode not in MODES:
-        raise InvalidInput(f"parameter mode must be one of {MODES}, got {mode!r}")
+        raise InvalidInput(f"parameter mode must be one of {MODES}, got {show(mode)}")
     instruction = params.get("instruction")
     if instruction is not None and (not isinstance(instruction, str) or not instruction):
-        raise InvalidInput(f"parameter instruction must be a non-empty string, got {instruction!r}")
+        raise InvalidInput(f"parameter instruction must be a non-empty string, got {show(instruction)}")
     cameras = params.get("cameras")
     if cameras is not None:
         if not isinstance(cameras, str) or not all(cameras.split(",")):
-            raise InvalidInput(f"parameter cameras must be comma-separated camera names, got {cameras!r}")
+            raise InvalidInput(f"parameter cameras must be comma-separated camera names, got {show(cameras)}")
         cameras = tuple(cameras.split(","))
     seq = params.get("seq")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
-        raise InvalidInput(f"parameter seq must be a non-negative integer, got {seq!r}")
+        raise InvalidInput(f"parameter seq must be a non-negative integer, got {show(seq)}")
     model_version = params.get("model_version")
     if model_version is not None and (not isinstance(model_version, str) or not model_version):
-        raise InvalidInput(f"parameter model_version must be a non-empty string, got {model_version!r}")
+        raise InvalidInput(f"parameter model_version must be a non-empty string, got {show(model_version)}")
 
     arrays: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         arrays[tensor.name] = _input_array(tensor, arrays)
     step = StepRequest(session_id=session_id, reset=reset, instruction=instruction, mode=mode, cameras=cameras,
-                       seq=seq, model_version=model_version, **arrays)
+                       seq=seq, model_version=model_version, session_token=session_token, **arrays)
     _check_steps(step)
     return step
 
 
-def _parameters(raw: Any) -> dict[str, Any]:
-    """REST dict or gRPC ``MessageMap[str, InferParameter]`` -> plain dict, transport keys dropped."""
+def _parameters(raw: Any, known: tuple[str, ...] | None = PARAMETERS) -> dict[str, Any]:
+    """REST dict or gRPC ``MessageMap[str, InferParameter]`` -> plain dict, transport keys dropped; a name outside
+    ``known`` is refused."""
     if not raw:
         return {}
     try:
         params = to_http_parameters(raw)
     except Exception as err:  # a JSON body whose parameters is not an object
-        raise InvalidInput(f"request parameters must be an object of named values ({err})") from None
-    return {k: v for k, v in params.items() if k not in _TRANSPORT_PARAMETERS}
+        raise InvalidInput(f"request parameters must be an object of named values ({str(err)[:100]})") from None
+    params = {k: v for k, v in params.items() if k not in _TRANSPORT_PARAMETERS}
+    unknown = [k for k in params if known is not None and k not in known]
+    if unknown:
+        raise InvalidInput(f"unknown parameter {show(unknown[0])}: this endpoint takes {', '.join(known)}")
+    return params
+
+
+def show(value: Any, limit: int = 48) -> str:
+    """``repr(value)``, shortened: error messages never echo a long value in full."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _declared_bytes(tensor: InferInput) -> int:
@@ -230,12 +261,12 @@ def _declared_bytes(tensor: InferInput) -> int:
 def _input_array(tensor: InferInput, seen: dict[str, np.ndarray]) -> np.ndarray:
     name = tensor.name
     if name not in INPUTS:
-        raise InvalidInput(f"unknown input {name!r}; inputs are {sorted(INPUTS)}")
+        raise InvalidInput(f"unknown input {show(name)}; inputs are {sorted(INPUTS)}")
     if name in seen:
         raise InvalidInput(f"input {name!r} appears twice")
     datatype, dtype, rank = INPUTS[name]
     if tensor.datatype != datatype:
-        raise InvalidInput(f"input {name!r} must be {datatype}, got {tensor.datatype}")
+        raise InvalidInput(f"input {name!r} must be {datatype}, got datatype {show(tensor.datatype)}")
     shape = list(tensor.shape)
     if len(shape) != rank or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise InvalidInput(f"input {name!r} must have {rank} positive dimensions, got shape {shape}")
@@ -250,13 +281,30 @@ def _input_array(tensor: InferInput, seen: dict[str, np.ndarray]) -> np.ndarray:
         if data is None or len(data) != count:
             got = "no data" if data is None else f"{len(data)} values"
             raise InvalidInput(f"input {name!r}: {got} for shape {shape}")
+        _check_values(name, datatype, dtype, data)
         try:
             array = np.asarray(data, dtype=dtype).reshape(shape)
         except (TypeError, ValueError, OverflowError) as err:
-            raise InvalidInput(f"input {name!r} holds values that are not {datatype} ({err})") from None
+            raise InvalidInput(f"input {name!r} holds values that are not {datatype} ({str(err)[:100]})") from None
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidInput(f"input {name!r} contains NaN or inf")
     return array
+
+
+def _check_values(name: str, datatype: str, dtype: type, data: list) -> None:
+    """JSON values must be what the datatype holds: numpy would truncate 1.5 to a UINT8 1 and read True as 1."""
+    if np.dtype(dtype).kind in "ui":
+        low, high = _INT_RANGE.get(dtype, (np.iinfo(dtype).min, np.iinfo(dtype).max))
+        for i, v in enumerate(data):
+            if type(v) is not int or not low <= v <= high:
+                raise InvalidInput(f"input {name!r} holds values that are not {datatype}: data[{i}] = {show(v)} (integers "
+                                   f"{low}..{high})")
+    else:
+        limit = float(np.finfo(dtype).max)
+        for i, v in enumerate(data):
+            if type(v) not in (int, float) or not -limit <= v <= limit:
+                raise InvalidInput(f"input {name!r} holds values that are not {datatype}: data[{i}] = {show(v)} "
+                                   "(finite numbers)")
 
 
 def _check_steps(step: StepRequest) -> None:
@@ -300,13 +348,15 @@ def to_infer_response(resp: StepResponse, model_name: str = DEFAULT_MODEL_NAME, 
     }
     if resp.image_size is not None:
         params["image_size"] = int(resp.image_size)
+    if resp.session_token is not None:
+        params["session_token"] = resp.session_token
     return InferResponse(response_id=request_id or str(uuid.uuid4()), model_name=model_name, infer_outputs=outputs,
                          model_version=resp.model_version, parameters=params, use_binary_outputs=binary)
 
 
 def from_infer_response(response: InferResponse) -> StepResponse:
     """Parse a response from either client; a malformed one raises ``InvalidInput``."""
-    params = _parameters(response.parameters)
+    params = _parameters(response.parameters, known=None)
     arrays = {}
     for name, (datatype, dtype, rank) in OUTPUTS.items():
         out = response.get_output_by_name(name)
@@ -330,7 +380,9 @@ def from_infer_response(response: InferResponse) -> StepResponse:
                             chunk_index=int(params["chunk_index"]), embodiment=str(params["embodiment"]),
                             control_rate_hz=float(params["control_rate_hz"]),
                             cameras=tuple(cameras.split(",")) if cameras else (),
-                            image_size=None if image_size is None else int(image_size))
+                            image_size=None if image_size is None else int(image_size),
+                            session_token=None if params.get("session_token") is None
+                            else str(params["session_token"]))
     except (TypeError, ValueError) as err:
         raise InvalidInput(f"response parameters are malformed ({err})") from None
 
@@ -340,6 +392,7 @@ __all__ = [
     "MODEL_CHANGED",
     "MODES",
     "OUT_OF_ORDER",
+    "PARAMETERS",
     "UNKNOWN_SESSION",
     "VERSION_NOT_SERVED",
     "StepRequest",

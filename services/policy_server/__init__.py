@@ -9,6 +9,7 @@ request, and exports Prometheus metrics on /metrics.
     lingbot serve --model models:/lingbot-va-reach-v3@champion --http_port 8080 --grpc_port 8081
 
 Modules: ``settings`` (ServeSettings, ``LINGBOT_SERVE_*``), ``models`` (loading, alias watching), ``sessions``
-(Session, SessionStore), ``batcher``, ``engine`` (the request logic), ``predictor`` (the kserve.Model), ``server``
-(ModelServer bound to a host, auth, size limit), ``commands`` / ``__main__`` (entry points).
+(Session, SessionStore), ``batcher``, ``engine`` (the request logic), ``predictor`` (the kserve.Model), ``guards``
+(field-by-field wire checks), ``rest`` / ``grpc_api`` (the V2 routes and service), ``server`` (ModelServer bound to a
+host, auth, size limit), ``commands`` / ``__main__`` (entry points).
 """

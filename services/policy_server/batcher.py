@@ -57,6 +57,11 @@ class Batcher:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker runs and takes jobs."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def submit(self, key: str, payload: Any) -> concurrent.futures.Future:
         """Queue a job; the returned future resolves when its batch ran."""
         if self._stop.is_set():

@@ -6,13 +6,23 @@ import argparse
 from pathlib import Path
 
 
+class _RefuseToken(argparse.Action):
+    """``--token`` is refused: a secret on the command line shows in ``ps`` and shell history."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--token is refused: a token on the command line shows in ps; pass --token-file PATH or set "
+                     "LINGBOT_SERVE_TOKEN / LINGBOT_SERVE_TOKEN_FILE")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The policy server's own flags; unset ones fall back to ``LINGBOT_SERVE_*`` / ``.env`` / defaults."""
     g = parser.add_argument_group("policy server")
     g.add_argument("--model", help="models:/lingbot-va-<task>@champion (followed as the alias moves), "
                                    "models:/<name>/<version> or a model directory")
     g.add_argument("--host", help="interface to bind REST and gRPC to (default 127.0.0.1)")
-    g.add_argument("--token", help="bearer token required on inference calls (default: none)")
+    g.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
+    g.add_argument("--token-file", type=Path, help="file holding the bearer token required on inference calls "
+                                                   "(or LINGBOT_SERVE_TOKEN / LINGBOT_SERVE_TOKEN_FILE; default: none)")
     g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under the data dir)")
     g.add_argument("--data-dir", type=Path, help="data root: MLflow store, downloaded models")
     g.add_argument("--device", help="torch device (default cpu)")
@@ -36,7 +46,7 @@ def settings_from_args(args: argparse.Namespace):
     """``ServeSettings`` from the environment, overridden by the flags that were given."""
     from services.policy_server.settings import ServeSettings
 
-    names = ["model", "model_name", "host", "token", "tracking_uri", "data_dir", "device", "seed", "batching",
+    names = ["model", "model_name", "host", "token_file", "tracking_uri", "data_dir", "device", "seed", "batching",
              "max_batch_size", "max_wait_ms", "max_sessions", "session_ttl_s", "max_session_memory_mb",
              "max_request_mb", "poll_interval_s", "old_sessions"]
     return ServeSettings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})

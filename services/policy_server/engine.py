@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hmac
 import logging
+import secrets
 import threading
 import zlib
 from collections import defaultdict
@@ -28,6 +30,7 @@ from kserve.errors import InferenceError, InvalidInput
 from pipelines.evaluate.policy import EpisodePolicy, Plan
 from services.policy_server import metrics
 from services.policy_server.batcher import Batcher, Job
+from services.policy_server.guards import Forbidden, show
 from services.policy_server.models import ModelHandle
 from services.policy_server.sessions import Session, SessionStore
 from services.policy_server.settings import ServeSettings
@@ -153,6 +156,7 @@ class PolicyEngine:
         req: StepRequest = job.payload
         if req.reset:
             return self._reset(job, req)
+        self._check_owner(req)
         session = self.store.get(req.session_id)
         if session is None:
             why = self.store.why_missing(req.session_id)
@@ -162,8 +166,8 @@ class PolicyEngine:
             raise InvalidInput(f"{MODEL_CHANGED} (the session began on {session.handle.version}; now serving "
                                f"{self.current.version})")
         if req.model_version is not None and req.model_version != session.handle.version:
-            raise InvalidInput(f"{VERSION_NOT_SERVED}: the request is pinned to {req.model_version!r}; session "
-                               f"{req.session_id} runs {session.handle.version!r}")
+            raise InvalidInput(f"{VERSION_NOT_SERVED}: the request is pinned to {show(req.model_version)}; session "
+                               f"{req.session_id} runs {session.handle.version!r} (parameter model_version)")
         policy = session.handle.policy
         if req.seq is not None and req.seq != session.returned:
             raise InvalidInput(f"{OUT_OF_ORDER}: this session's next chunk is {session.returned}, the request "
@@ -171,7 +175,7 @@ class PolicyEngine:
         self._check_cameras(req, policy.cameras)
         if req.instruction is not None and req.instruction != session.instruction:
             raise InvalidInput(f"instruction is fixed at reset: this session runs {session.instruction!r}, the "
-                               f"request says {req.instruction!r}; send reset=true to change it")
+                               f"request says {show(req.instruction)}; send reset=true to change it")
         if req.steps == 0:
             if session.mode == "sync":
                 raise InvalidInput("a sync session needs the executed chunk's images, actions and state in every "
@@ -203,7 +207,17 @@ class PolicyEngine:
         kind = IMAGINE_AND_PLAN if session.mode == "async" and session.outstanding == 1 else PLAN
         return _Step(job, session, kind, session.last_state)
 
+    def _check_owner(self, req: StepRequest) -> None:
+        """A live session answers only the client holding its token (a reset of it included): refused before
+        anything of the session is read or touched."""
+        session = self.store.peek(req.session_id)
+        if session is not None and not hmac.compare_digest((req.session_token or "").encode(), session.token.encode()):
+            raise Forbidden(f"session_id {req.session_id} is live and belongs to another client: send the "
+                            "session_token its reset returned (a live session cannot be taken over; use a new "
+                            "session_id)")
+
     def _reset(self, job: Job, req: StepRequest) -> _Step:
+        self._check_owner(req)
         handle = self._version_for(req.model_version)
         policy = handle.policy
         if req.seq not in (None, 0):
@@ -216,7 +230,7 @@ class PolicyEngine:
                 raise InvalidInput(f"parameter instruction is required at reset: this model knows {tasks}")
             instruction = tasks[0]
         elif instruction not in tasks:
-            raise InvalidInput(f"unknown instruction {instruction!r}: this model knows {tasks}")
+            raise InvalidInput(f"unknown instruction {show(instruction)}: this model knows {tasks}")
         views, size = len(policy.cameras), policy.image_size
         shape = tuple(req.images.shape[1:])
         if shape[0] != views or shape[-1] != 3 or (size is not None and shape[1:3] != (size, size)):
@@ -231,7 +245,8 @@ class PolicyEngine:
         except ValueError as err:
             raise InvalidInput(f"reset: {err}") from None
         state = np.asarray(req.state[-1], np.float64)
-        session = Session(req.session_id, handle, episode, req.mode, instruction, shape, state)
+        session = Session(req.session_id, handle, episode, req.mode, instruction, shape, state,
+                          token=req.session_token or secrets.token_urlsafe(24))
         session.estimate_bytes()
         self.store.put(session)  # replaces an earlier session of this id
         return _Step(job, session, PLAN, state)
@@ -246,8 +261,9 @@ class PolicyEngine:
                 if handle.version == pinned and not handle.retired:
                     return handle
             served = [h.version for h in self.live if not h.retired]
-        raise InvalidInput(f"{VERSION_NOT_SERVED}: the request is pinned to {pinned!r}; this server serves "
-                           f"{', '.join(map(repr, served))} (an episode never changes model version)")
+        raise InvalidInput(f"{VERSION_NOT_SERVED}: the request is pinned to {show(pinned)}; this server serves "
+                           f"{', '.join(map(repr, served))} (parameter model_version: an episode never changes model "
+                           "version)")
 
     def _plan(self, group: list[_Step]) -> list[Plan | Exception]:
         """One model pass for a group (same model version, same kind): batched when possible."""
@@ -293,7 +309,7 @@ class PolicyEngine:
         return StepResponse(actions=native, targets=targets.astype(np.float32), model_version=session.handle.version,
                             session_id=session.session_id, chunk_index=chunk, embodiment=session.handle.embodiment,
                             control_rate_hz=float(policy.adapter.spec.control_rate_hz), cameras=tuple(policy.cameras),
-                            image_size=policy.image_size)
+                            image_size=policy.image_size, session_token=session.token)
 
     # ------------------------------------------------------------------------------------------- helpers
     def _fail(self, job: Job, err: Exception, session: Session | None = None) -> None:
@@ -317,7 +333,7 @@ class PolicyEngine:
     @staticmethod
     def _check_cameras(req: StepRequest, cameras: tuple[str, ...]) -> None:
         if req.cameras is not None and tuple(req.cameras) != tuple(cameras):
-            raise InvalidInput(f"unknown camera order {','.join(req.cameras)}: this model takes cameras "
+            raise InvalidInput(f"unknown camera order {show(','.join(req.cameras))}: this model takes cameras "
                                f"{','.join(cameras)} (in that order)")
 
     @staticmethod

@@ -58,6 +58,11 @@ class LingBotPredictor(Model):
         super().stop()
 
     @property
+    def serving(self) -> bool:
+        """Loaded and answering: what readiness reports (REST /v2/health/ready, gRPC ServerReady / ModelReady)."""
+        return bool(self.ready and self.runtime is not None and self.runtime.batcher.alive)
+
+    @property
     def model_version(self) -> str | None:
         """The version new sessions start on."""
         return None if self.runtime is None else self.runtime.current.version

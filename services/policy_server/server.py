@@ -1,9 +1,11 @@
 """kserve's ModelServer, bound to one host, with bearer auth and a request size limit on both transports.
 
 kserve 0.21 binds REST to 0.0.0.0 (``uvicorn.Config(host="0.0.0.0")``) and gRPC to ``[::]``; a policy endpoint on
-a robot network should listen where it is told (default 127.0.0.1). The REST guard is an ASGI middleware (401 without
-the token, 413 beyond the size limit); gRPC gets an interceptor (UNAUTHENTICATED) and a message size limit. Health,
-metadata and /metrics stay open for probes and scrapers; inference and repository calls need the token.
+a robot network should listen where it is told (default 127.0.0.1). The REST guard is an ASGI middleware (400 for a
+duplicated Authorization header, 401 without the token, 413 beyond the size limit, chunked bodies included); REST's
+infer, version, explain, repository and readiness routes are the server's own (``rest``), and gRPC is served by
+``grpc_api`` (its ``Guard`` interceptor: metadata size, one authorization entry, the token). Health, metadata and
+/metrics stay open for probes and scrapers; inference and repository calls need the token.
 """
 
 from __future__ import annotations
@@ -14,25 +16,24 @@ import json
 import logging
 from concurrent import futures
 
-import grpc
 import orjson
 from grpc import aio
 from kserve import InferInput, model_server
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.errors import InvalidInput
+from kserve.logging import KSERVE_LOGGER_NAME
 from kserve.model import BaseKServeModel
 from kserve.model_server import ModelServer
 from kserve.protocol.dataplane import DataPlane
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
 from kserve.protocol.grpc.server import GRPCServer
-from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.server import RESTServer
 
-log = logging.getLogger(__name__)
+from services.policy_server.grpc_api import Guard, PolicyService
+from services.policy_server.guards import show
+from services.policy_server.rest import Routes, add_exception_handlers
 
-_GUARDED_GRPC = ("/ModelInfer", "/RepositoryModelLoad", "/RepositoryModelUnload")
+log = logging.getLogger(__name__)
 
 
 def token_ok(header: str | None, token: str | None) -> bool:
@@ -88,7 +89,8 @@ def _binary_request(body: bytes, json_length: int, model_name: str) -> InferRequ
 
 
 class _Guard:
-    """ASGI middleware: bearer token and body size limit on POST requests (inference and repository calls)."""
+    """ASGI middleware on POST requests (inference and repository calls): exactly one Authorization header with the
+    bearer token, and a body within the size limit (413, also for chunked bodies, which are read here first)."""
 
     def __init__(self, app, token: str | None, max_bytes: int):
         self.app, self.token, self.max_bytes = app, token, max_bytes
@@ -96,59 +98,53 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not token_ok(headers.get("authorization"), self.token):
+        headers: dict[str, list[str]] = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+        auth = headers.get("authorization", [])
+        if len(auth) > 1:
+            return await _reply(send, 400, f"header Authorization appears {len(auth)} times: send exactly one", scope)
+        if not token_ok(auth[0] if auth else None, self.token):
             return await _reply(send, 401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
-                                [(b"www-authenticate", b"Bearer")])
+                                scope, [(b"www-authenticate", b"Bearer")])
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _reply(send, 413, f"request too large: {length} bytes exceed the limit of {self.max_bytes}")
-        seen = 0
-
-        async def counted():  # bodies without content-length (chunked) are counted as they arrive
-            nonlocal seen
+        if length is not None:
+            if len(length) > 1 or not length[0].isdigit() or int(length[0]) > self.max_bytes:
+                return await _reply(send, 413, f"request too large: {show(','.join(length))} bytes exceed the limit "
+                                               f"of {self.max_bytes}", scope)
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read the body here, answer 413 as soon as it passes the limit
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
             if seen > self.max_bytes:
-                raise _TooLarge
-            return message
+                return await _reply(send, 413, f"request too large: more than the limit of {self.max_bytes} bytes "
+                                               "(chunked body)", scope)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _reply(send, 413, f"request too large: more than the limit of {self.max_bytes} bytes")
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _reply(send, status: int, error: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+async def _reply(send, status: int, error: str, scope, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    log.warning("rejected %s %s: %d %s", scope["method"], scope["path"][:120], status, error)
     body = json.dumps({"error": error}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *extra]})
     await send({"type": "http.response.body", "body": body})
-
-
-class _BearerInterceptor(aio.ServerInterceptor):
-    """gRPC: inference and repository calls need ``authorization: Bearer <token>`` metadata."""
-
-    def __init__(self, token: str):
-        self.token = token
-
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    async def intercept_service(self, continuation, details):
-        if details.method.endswith(_GUARDED_GRPC):
-            metadata = {k.lower(): v for k, v in (details.invocation_metadata or ())}
-            if not token_ok(metadata.get("authorization"), self.token):
-                return self._deny
-        return await continuation(details)
 
 
 class _RESTServer(RESTServer):
@@ -157,30 +153,39 @@ class _RESTServer(RESTServer):
         self.config.host = host
         self._guard = (token, max_bytes)
 
+    def _register_endpoints(self, app) -> None:
+        Routes(self.dataplane.model_registry).register(app)  # first: these win over kserve's routes of the same path
+        super()._register_endpoints(app)
+
+    def _add_exception_handlers(self, app) -> None:
+        super()._add_exception_handlers(app)
+        add_exception_handlers(app)
+
     def _add_middlewares(self, app) -> None:
         super()._add_middlewares(app)
         app.add_middleware(_Guard, token=self._guard[0], max_bytes=self._guard[1])
 
 
 class _GRPCServer(GRPCServer):
-    """kserve's gRPC server on ``host`` (kserve's own binds ``[::]``) with auth and our message size limit."""
+    """The V2 gRPC service (``grpc_api``) on ``host`` (kserve's server binds ``[::]``) with the guard and our message
+    size limit."""
 
     def __init__(self, *args, host: str, token: str | None, max_bytes: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._host, self._token, self._max_bytes = host, token, max_bytes
 
     async def start(self, max_workers):
-        interceptors = [LoggingInterceptor(), ExceptionToStatusInterceptor()]
-        if self._token:
-            interceptors.insert(0, _BearerInterceptor(self._token))
         # the transport cap is twice the limit: requests in between reach the predictor, which answers
-        # INVALID_ARGUMENT naming the limit; beyond it gRPC itself answers RESOURCE_EXHAUSTED
+        # INVALID_ARGUMENT naming the limit; beyond it gRPC itself answers RESOURCE_EXHAUSTED. Metadata is taken up
+        # to 1 MiB so that the guard, not the transport ("Stream removed"), answers beyond METADATA_LIMIT.
         cap = 2 * self._max_bytes + (1 << 20)
-        self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
+        self._server = aio.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                                  interceptors=[Guard(self._token, token_ok)],
                                   options=[("grpc.max_send_message_length", cap),
-                                           ("grpc.max_receive_message_length", cap)])
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self._data_plane, self._model_repository_extension), self._server)
+                                           ("grpc.max_receive_message_length", cap),
+                                           ("grpc.max_metadata_size", 1 << 20),
+                                           ("grpc.absolute_max_metadata_size", 1 << 20)])
+        self._server.add_generic_rpc_handlers((PolicyService(self._data_plane.model_registry).handler(),))
         host = f"[{self._host}]" if ":" in self._host and not self._host.startswith("[") else self._host
         if self._server.add_insecure_port(f"{host}:{self._port}") == 0:
             raise RuntimeError(f"gRPC could not bind {host}:{self._port}")
@@ -202,6 +207,10 @@ class PolicyModelServer(ModelServer):
                              "(scale out with replicas and session affinity instead)")
         super().__init__(**kwargs)
         self.host, self.token, self.max_request_bytes = host, token, max_request_bytes
+        # this package's log lines (rejections at WARNING, switches at INFO) in kserve's format, beside its own
+        ours, theirs = logging.getLogger("services"), logging.getLogger(KSERVE_LOGGER_NAME)
+        ours.handlers, ours.propagate = list(theirs.handlers), False
+        ours.setLevel(logging.INFO)
         self.dataplane = _StrictDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list[BaseKServeModel]) -> None:

@@ -34,6 +34,7 @@ class Session:
     instruction: str
     frame_shape: tuple[int, ...]  # (V, H, W, 3) of this episode's frames
     last_state: np.ndarray  # (S,) the latest robot state reported
+    token: str = ""  # the session_token of the client that opened it
     returned: int = 0  # chunks returned so far; the next response is chunk `returned`
     reported: int = 0  # chunks whose executed frames were observed
     last_plan: Plan | None = None  # the chunk returned last (in async mode: executing while the next is planned)
@@ -83,6 +84,11 @@ class SessionStore:
                 session.last_used = self._clock()
                 self._sessions.move_to_end(session_id)
             return session
+
+    def peek(self, session_id: str) -> Session | None:
+        """The session without marking it used (a refused request must not keep it alive)."""
+        with self._lock:
+            return self._sessions.get(session_id)
 
     def why_missing(self, session_id: str) -> str | None:
         """Why ``session_id`` was evicted, if it was (recently)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.settings import REPO_ROOT
@@ -25,7 +25,10 @@ class ServeSettings(BaseSettings):
                                                 "directory; an alias is followed as it moves (hot swap)")
     model_name: str = Field(DEFAULT_MODEL_NAME, description="V2 model name on the endpoint path")
     host: str = Field("127.0.0.1", description="interface REST and gRPC bind to; 0.0.0.0 only behind auth/a mesh")
-    token: SecretStr | None = Field(None, description="bearer token required on inference calls (None: no auth)")
+    token: SecretStr | None = Field(None, description="bearer token required on inference calls (None: no auth); "
+                                                      "from the environment or token_file, never the command line")
+    token_file: Path | None = Field(None, description="file holding the bearer token (its content, stripped); "
+                                                      "overrides token")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under the data dir)")
     data_dir: Path = Field(REPO_ROOT / "data", description="data root: MLflow store and downloaded models")
     device: str = Field("cpu", description="torch device of the model")
@@ -49,6 +52,18 @@ class ServeSettings(BaseSettings):
                                                                             "told to reset")
     max_live_models: int = Field(2, ge=1, description="model versions kept in memory at once; sessions on an older "
                                                       "one are told to reset")
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> ServeSettings:
+        if self.token_file is not None:
+            try:
+                token = self.token_file.read_text().strip()
+            except OSError as err:
+                raise ValueError(f"token_file {self.token_file}: {err.strerror}") from None
+            if not token:
+                raise ValueError(f"token_file {self.token_file} is empty")
+            self.token = SecretStr(token)
+        return self
 
     @property
     def max_request_bytes(self) -> int:

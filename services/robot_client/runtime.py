@@ -38,6 +38,7 @@ those in a row abort the episode in the safe hold. No exception escapes ``run_ep
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -251,6 +252,8 @@ class _Episode:
         self.stats = EpisodeStats(task=task, session_id=session_id, mode=self.s.mode, route=route,
                                   endpoint=client.endpoint)
         self.version: str | None = None  # the model version the episode is pinned to, from its first chunk
+        # binds the server's session to this robot: its restarts may reset the id, nobody else can while it is live
+        self.token = secrets.token_urlsafe(24)
         self._cv = threading.Condition()
         self._stop = False
         self._epoch = 0  # bumped by the requester at every session (re)start
@@ -454,22 +457,23 @@ class _Episode:
         # a restart carries the episode's version: the server starts it there or refuses
         resp = self._call(StepRequest(self.session_id, reset=True, instruction=self.task, mode=mode,
                                       cameras=tuple(self.robot.cameras), model_version=self.version,
-                                      images=obs.frames[None], state=obs.state[None]))
+                                      session_token=self.token, images=obs.frames[None], state=obs.state[None]))
         self._check_endpoint(resp)
         if self.version is None:
             self.version = self.stats.model_version = resp.model_version
         self._accept(resp, epoch, expected=0)
         seq = 1
         if mode == "async":  # chunk 0 is executing now; the server plans chunk 1 from its imagined outcome
-            self._accept(self._call(StepRequest(self.session_id, mode=mode, seq=seq, model_version=self.version)),
-                         epoch, seq)
+            self._accept(self._call(StepRequest(self.session_id, mode=mode, seq=seq, model_version=self.version,
+                                                session_token=self.token)), epoch, seq)
             seq += 1
         while True:
             done = self._next_executed(epoch)
             if done is None:
                 raise Cancelled("episode over")
             resp = self._call(StepRequest(self.session_id, mode=mode, seq=seq, model_version=self.version,
-                                          images=done.frames, actions=done.actions, state=done.states))
+                                          session_token=self.token, images=done.frames, actions=done.actions,
+                                          state=done.states))
             self._accept(resp, epoch, seq)
             seq += 1
 

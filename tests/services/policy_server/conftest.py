@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -26,12 +28,26 @@ REPO = Path(__file__).resolve().parents[3]
 STATE = np.array([0.05, 0.6, 0.2, 0.5], np.float32)  # Sawyer hand xyz + gripper opening
 
 
+def token_for(session_id) -> str | None:
+    """The tests' session_token of a session id (one client per id, stable across its resets), or None for ids the
+    protocol refuses anyway."""
+    if not isinstance(session_id, str):
+        return None
+    return "tok-" + hashlib.sha256(session_id.encode()).hexdigest()[:24]
+
+
+def owned(req: StepRequest) -> StepRequest:
+    """``req`` carrying its session's token (the client that opened the session sends it on every request)."""
+    return req if req.session_token is not None else dataclasses.replace(req, session_token=token_for(req.session_id))
+
+
 class PolicyServer(ServerProcess):
     """The platform's server subprocess helper plus the tests' clients: ``wait_ready`` starts it and waits for the
     model; ``stop`` sends SIGTERM and waits (SIGKILL after 30 s)."""
 
-    def __init__(self, model: str | Path, args: list[str], log: Path, token: str | None = None):
-        super().__init__(model, log, args)
+    def __init__(self, model: str | Path, args: list[str], log: Path, token: str | None = None,
+                 env: dict[str, str] | None = None):
+        super().__init__(model, log, args, env=env)
         self.token = token
 
     @property
@@ -55,7 +71,7 @@ class PolicyServer(ServerProcess):
     async def rest(self, req: StepRequest, headers: dict | None = None):
         client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
         try:
-            response = await client.infer(self.rest_url, to_infer_request(req), model_name=DEFAULT_MODEL_NAME,
+            response = await client.infer(self.rest_url, to_infer_request(owned(req)), model_name=DEFAULT_MODEL_NAME,
                                           headers=self.headers() if headers is None else headers)
         finally:
             await client.close()
@@ -65,7 +81,7 @@ class PolicyServer(ServerProcess):
         client = InferenceGRPCClient(self.grpc_url, timeout=60, retries=0)
         try:
             auth = (("authorization", f"Bearer {self.token}"),) if self.token else ()
-            response = await client.infer(to_infer_request(req), headers=auth if metadata is None else metadata)
+            response = await client.infer(to_infer_request(owned(req)), headers=auth if metadata is None else metadata)
         finally:
             await client.close()
         return from_infer_response(response)

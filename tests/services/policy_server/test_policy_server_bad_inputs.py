@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from conftest import frames, states
+from conftest import frames, states, token_for
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
@@ -43,6 +43,8 @@ def ctx(policy_server):
 
 def req(params: dict, tensors: dict | None = None, binary: bool = True) -> InferRequest:
     """A V2 request with exactly these parameters and tensors ({name: (datatype, array)}), unchecked."""
+    if token_for(params.get("session_id")) and "session_token" not in params:  # the session's own client
+        params = {**params, "session_token": token_for(params["session_id"])}
     inputs = []
     for name, (datatype, array) in (tensors or {}).items():
         tensor = InferInput(name, list(array.shape), datatype)
@@ -213,10 +215,10 @@ RAW_CASES = [
                  "runs past the end of the body", id="binary-past-body-end"),
     pytest.param(b'{"inputs": [{"name": "state", "shape": [1, 4], "datatype": "FP32"}]}', None, 400,
                  "neither 'data' nor 'binary_data_size'", id="binary-no-data"),
-    pytest.param(b"{}", {"content-type": "application/json"}, 422, "inputs", id="json-no-inputs"),
-    pytest.param(b'{"inputs": [], "parameters": [1, 2]}', {"content-type": "application/json"}, 422, "parameters",
+    pytest.param(b"{}", {"content-type": "application/json"}, 400, "inputs", id="json-no-inputs"),
+    pytest.param(b'{"inputs": [], "parameters": [1, 2]}', {"content-type": "application/json"}, 400, "parameters",
                  id="json-parameters-not-object"),
-    pytest.param(b"not json", {"content-type": "application/json"}, 422, "", id="json-garbage"),
+    pytest.param(b"not json", {"content-type": "application/json"}, 400, "", id="json-garbage"),
     pytest.param(b'{"inputs": []}', {"content-type": "application/json"}, 400, "missing parameter session_id",
                  id="json-no-parameters"),
 ]

@@ -28,8 +28,8 @@ TTL_S = 4.0
 @pytest.fixture(scope="module")
 def small_server(model_dir, tmp_path):
     """Two sessions at most, a short idle TTL, a token, no cross-robot batching."""
-    server = PolicyServer(model_dir, ["--max-sessions", "2", "--session-ttl-s", str(TTL_S),
-                           "--token", TOKEN, "--no-batching"], tmp_path / "small.log", token=TOKEN)
+    server = PolicyServer(model_dir, ["--max-sessions", "2", "--session-ttl-s", str(TTL_S), "--no-batching"],
+                          tmp_path / "small.log", token=TOKEN, env={"LINGBOT_SERVE_TOKEN": TOKEN})
     try:
         yield server.wait_ready()
     finally:

@@ -172,12 +172,22 @@ def test_command_line(tmp_path, capsys):
     from pipelines.cli import build_parser, main
     from services.policy_server.commands import settings_from_args
 
+    token_file = tmp_path / "token"
+    token_file.write_text("t0k\n")
+
     args = build_parser().parse_args(["serve", "--model", "models:/lingbot-va-reach-v3@champion", "--http_port",
-                                      "9000", "--no-batching", "--max-sessions", "3", "--token", "t0k"])
+                                      "9000", "--no-batching", "--max-sessions", "3", "--token-file",
+                                      str(token_file)])
     settings = settings_from_args(args)
     assert args.http_port == 9000 and args.grpc_port == 8081
     assert settings.model == "models:/lingbot-va-reach-v3@champion" and settings.batching is False
     assert settings.max_sessions == 3 and settings.token.get_secret_value() == "t0k"
+    # a token on the command line would show in ps: refused, pointing to the file and the environment
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--token", "t0k"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token is refused" in err and "--token-file" in err and "LINGBOT_SERVE_TOKEN" in err
     assert settings.model_name == DEFAULT_MODEL_NAME and settings.host == "127.0.0.1"
     # a model that is not there: one clear line and exit code 2, before anything listens
     assert main(["serve", "--model", str(tmp_path / "nothing"), "--http_port", str(free_port())]) == 2

@@ -164,7 +164,7 @@ def test_robot_holds_while_the_server_is_down_and_recovers(server):
 def test_nan_chunks_are_never_executed(tmp_path):
     # this server also wants a bearer token: the robot's must reach it for the NaN answer to come back
     nan_dir = write_model_dir(tmp_path / "nan-model", nan=True)
-    with ServerProcess(nan_dir, tmp_path / "server.log", args=["--token", "s3cret"]) as srv:
+    with ServerProcess(nan_dir, tmp_path / "server.log", env={"LINGBOT_SERVE_TOKEN": "s3cret"}) as srv:
         with RecordingRobot(variant=5) as robot:
             cfg = settings(srv, token="s3cret", max_resets=2, backoff_initial_s=0.05, backoff_max_s=0.2, max_steps=40)
             with RobotRuntime(robot, cfg) as runtime:
