@@ -103,7 +103,8 @@ def build(variant: str, config, zero_stage: int, device="cuda", compile_kwargs: 
     """(model, step) of one variant '<torch|deepspeed>-<eager|compile>'; ``compile_kwargs`` go to compile_layers."""
     engine_name, mode = variant.split("-")
     torch.manual_seed(0)
-    model = LingBotVA(config.replace(action_init="random")).to(device)
+    with torch.device(device):  # initialised where it runs: a 1B model's CPU init takes longer than its steps
+        model = LingBotVA(config.replace(action_init="random"))
     if mode == "compile":
         model.compile_layers(**(compile_kwargs or {}))
     if engine_name == "torch":
