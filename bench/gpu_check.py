@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -354,6 +355,7 @@ def run_latency(plan: Plan, variant: str, device: torch.device, env: dict, out: 
     headline(result, plan)
     write(out, result)
     del model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -495,6 +497,7 @@ def run_mfu(plan: Plan, device: torch.device, env: dict, out: Path, profile_path
                                                "meets_goal": best[1]["mfu"] >= MFU_GOAL and not env["dry_run"]}
         write(out, result)
         del step  # the engine and its optimizer state go before the next variant is built
+        gc.collect()  # DeepSpeed's hooks make reference cycles: without this the next variant may not fit
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
@@ -514,6 +517,7 @@ def main() -> None:
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="gpu_check_dry_") if args.dry_run else RESULTS)).resolve()
     if args.dry_run and out_dir == RESULTS.resolve():
         sys.exit("gpu_check: a dry run never writes over bench/results; pick another --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run else "cuda")
     if cuda and not args.dry_run:
         torch.backends.cuda.matmul.allow_tf32 = True
