@@ -452,6 +452,12 @@ def run_mfu(plan: Plan, device: torch.device, env: dict, out: Path, profile_path
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    if device.type == "cpu":
+        # one CPU rank needs no shared-memory allreduce: skip DeepSpeed's JIT build of that op (minutes on a fresh
+        # 2-core machine); torch.distributed (gloo) does the one-rank reductions. The GPU path never builds it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     profile_path.unlink(missing_ok=True)
     config = get_preset(plan.mfu_preset)
     with torch.device("meta"):
