@@ -216,6 +216,7 @@ def time_context(model: LingBotVA, context: int, plan: Plan, device: torch.devic
     snap = snapshot(s)
 
     def once() -> float:
+        marks.points.clear()
         restore(s, snap)
         mfu.synchronize(device)
         t0 = time.perf_counter()
@@ -231,7 +232,6 @@ def time_context(model: LingBotVA, context: int, plan: Plan, device: torch.devic
     for _ in range(plan.latency_repeats):
         if totals and deadline.left() < 0:
             break
-        marks.points.clear()
         totals.append(once())
         for name, (a, b) in {"cache_update": ("start", "cache_update"), "fdm": ("cache_update", "fdm"),
                              "video": ("fdm", "video"), "action": ("video", "end")}.items():
