@@ -81,25 +81,32 @@ def count_flops(model: LingBotVA, batch: dict) -> dict:
             "mask_density": pairs / (rows * total_tokens**2)}
 
 
-def matmul_peak(device) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(10):
         a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    synchronize(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - t0)
 
 
-def build(variant: str, config, zero_stage: int):
+def build(variant: str, config, zero_stage: int, device="cuda", compile_kwargs: dict | None = None):
+    """(model, step) of one variant '<torch|deepspeed>-<eager|compile>'; ``compile_kwargs`` go to compile_layers."""
     engine_name, mode = variant.split("-")
     torch.manual_seed(0)
-    model = LingBotVA(config.replace(action_init="random")).cuda()
+    with torch.device(device):  # initialised where it runs: a 1B model's CPU init takes longer than its steps
+        model = LingBotVA(config.replace(action_init="random"))
     if mode == "compile":
-        model.compile_layers()
+        model.compile_layers(**(compile_kwargs or {}))
     if engine_name == "torch":
         model = model.to(torch.bfloat16)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
@@ -128,6 +135,42 @@ def build(variant: str, config, zero_stage: int):
         return out["loss"]
 
     return engine.module, ds_step
+
+
+def measure(step, batch: dict, warmup: int, steps: int, device) -> dict:
+    """Time ``steps`` optimizer steps after ``warmup`` untimed ones; the per-variant fields of mfu.json, less the
+    FLOP-derived ones (``add_rates`` fills those in)."""
+    gen = torch.Generator().manual_seed(0)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step(batch, gen)
+    synchronize(device)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(batch, gen)
+    synchronize(device)
+    dt = (time.perf_counter() - t0) / steps
+    out = {"step_s": round(dt, 4), "warmup_s": round(warm_s, 1), "loss": float(loss.detach())}
+    if cuda:
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        # allocator retries (cache flushed to satisfy an allocation) are a classic hidden slowdown near full memory
+        out["alloc_retries"] = int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+    return out
+
+
+def add_rates(record: dict, result: dict, measured_peak: float) -> dict:
+    """Throughput and MFU of a ``measure`` record, from the counted FLOPs in ``result``."""
+    dt = record["step_s"]
+    flops = result["flops"]["step_flops"] / dt
+    record.update({
+        "tokens_per_s": round(result["rows"] * result["flops"]["tokens_per_row"] / dt),
+        "achieved_tflops": round(flops / 1e12, 1), "mfu": round(flops / DATASHEET_BF16, 4),
+        "mfu_vs_measured_matmul": round(flops / measured_peak, 4)})
+    return record
 
 
 def main() -> None:
@@ -164,25 +207,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         try:
             model, step = build(variant, config, args.zero_stage)
+            result["variants"][variant] = add_rates(measure(step, batch, args.warmup, args.steps, device), result,
+                                                    measured_peak)
             gen = torch.Generator().manual_seed(0)
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                step(batch, gen)
-            torch.cuda.synchronize()
-            warm_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step(batch, gen)
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / args.steps
-            flops = result["flops"]["step_flops"] / dt
-            result["variants"][variant] = {
-                "step_s": round(dt, 4), "warmup_s": round(warm_s, 1), "loss": float(loss),
-                "tokens_per_s": round(args.rows * result["flops"]["tokens_per_row"] / dt),
-                "achieved_tflops": round(flops / 1e12, 1), "mfu": round(flops / DATASHEET_BF16, 4),
-                "mfu_vs_measured_matmul": round(flops / measured_peak, 4),
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 

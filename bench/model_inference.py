@@ -27,14 +27,16 @@ from model.masks import NOISY
 LATENT_HW = (8, 16)  # two 128x128 camera views side by side through the 16x VAE
 
 
-def make_session(model, history_chunks: int, use_cache: bool, seed: int = 0, **kwargs):
+def make_session(model, history_chunks: int, use_cache: bool, seed: int = 0, latent_hw: tuple[int, int] = LATENT_HW,
+                 text_len: int = 8, **kwargs):
+    """A session with random instruction, first frame and ``history_chunks`` observed chunks (also bench/gpu_check.py)."""
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    s = model.session(torch.randn(8, c.text_dim, generator=g), torch.ones(c.action_channels), use_cache=use_cache,
-                      generator=torch.Generator().manual_seed(seed), **kwargs)
-    s.observe(torch.randn(1, c.latent_channels, *LATENT_HW, generator=g))
+    s = model.session(torch.randn(text_len, c.text_dim, generator=g), torch.ones(c.action_channels),
+                      use_cache=use_cache, generator=torch.Generator().manual_seed(seed), **kwargs)
+    s.observe(torch.randn(1, c.latent_channels, *latent_hw, generator=g))
     for _ in range(history_chunks):
-        s.observe(torch.randn(c.chunk_size, c.latent_channels, *LATENT_HW, generator=g),
+        s.observe(torch.randn(c.chunk_size, c.latent_channels, *latent_hw, generator=g),
                   torch.randn(c.chunk_size * c.tau, c.action_channels, generator=g))
     return s
 
