@@ -30,6 +30,7 @@ class Job:
     payload: Any
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     queued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when its batch began (perf_counter)
 
 
 class Batcher:
@@ -133,6 +134,9 @@ class Batcher:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            job.started_at = started
         try:
             self._process(batch)
         except Exception as err:
