@@ -76,7 +76,8 @@ class PolicyEngine:
                                   on_evict=lambda reason, n: metrics.EVICTIONS.labels(model_name, reason).inc(n))
         self.batcher = Batcher(self._process, max_batch_size=settings.max_batch_size,
                                max_wait_s=settings.max_wait_ms / 1000, batching=settings.batching,
-                               on_idle=self.housekeeping, name=f"batcher-{model_name}")
+                               on_idle=self.housekeeping, active_s=settings.active_session_s or None,
+                               name=f"batcher-{model_name}")
         metrics.MODEL_VERSION.labels(model_name, handle.version).set(1)
 
     def start(self) -> PolicyEngine:
