@@ -87,18 +87,23 @@ def equal_rate_hz(steps_per_chunk: int, plan_ms: float) -> float:
     return 1000.0 * steps_per_chunk / plan_ms
 
 
-def find_capacity(measure: Callable[[int], dict], counts: Sequence[int],
-                  threshold_pct: float = ON_TIME_PCT) -> tuple[int, list[dict]]:
+def find_capacity(measure: Callable[[int], dict], counts: Sequence[int], threshold_pct: float = ON_TIME_PCT,
+                  beyond: int = 1) -> tuple[int, list[dict]]:
     """Robots the server keeps on time: ``measure(n)`` -> a row with ``on_time_pct`` (share of the fleet's chunks on
-    time) for increasing ``counts``, stopping at the first below ``threshold_pct``; the last count at or above it
-    (0 if the first is below). Rows measured so far come back too."""
-    capacity, rows = 0, []
-    for n in counts:
+    time) for increasing ``counts`` until the first below ``threshold_pct``; the capacity is the count before it (0
+    when the first fails; a later count that passes by chance does not raise it). ``beyond`` more counts are
+    measured after the failure, for the latency curve; all rows come back."""
+    capacity, rows, failed = 0, [], None
+    for i, n in enumerate(counts):
+        if failed is not None and i > failed + beyond:
+            break
         row = {"robots": n, **measure(n)}
         rows.append(row)
-        if row["on_time_pct"] is None or row["on_time_pct"] < threshold_pct:
-            break
-        capacity = n
+        if failed is None:
+            if row["on_time_pct"] is None or row["on_time_pct"] < threshold_pct:
+                failed = i
+            else:
+                capacity = n
     return capacity, rows
 
 
@@ -191,7 +196,7 @@ def wire_bytes(req: StepRequest) -> dict:
     """Bytes of the request on each wire, and how long protobuf takes to parse the gRPC message (what the server's
     transport does before ``decode_us`` starts)."""
     msg = to_infer_request(req).to_grpc().SerializeToString()
-    body, json_length = to_infer_request(req).to_rest()
+    body, _ = to_infer_request(req).to_rest()
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
     t0, n = time.perf_counter(), 20
@@ -339,8 +344,9 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="model of the episodes and the fleet (see above)")
     ap.add_argument("--task", default=None, help="default: the model's first task")
     ap.add_argument("--sizes", default="64,96", help="overhead: square view sizes (px), two cameras each")
-    ap.add_argument("--sessions", type=int, default=10, help="overhead: counted sessions per transport and size")
-    ap.add_argument("--session-steps", type=int, default=12, help="overhead: requests per session (reset included)")
+    ap.add_argument("--sessions", type=int, default=8, help="overhead: counted sessions per transport and size")
+    ap.add_argument("--session-steps", type=int, default=30, help="overhead: requests per session (reset included; "
+                                                                  "a robot's episode is about that long)")
     ap.add_argument("--episodes", type=int, default=20, help="async vs sync: episodes per mode and rate")
     ap.add_argument("--max-steps", type=int, default=120, help="async vs sync: robot steps per episode")
     ap.add_argument("--rate-factors", default="0.5,1,2", help="async vs sync: rates as multiples of the rate where "
@@ -348,7 +354,8 @@ def main() -> None:
     ap.add_argument("--fleet-rate-hz", type=float, default=None, help="fleet: control rate (default: the "
                                                                       "embodiment's, 80 Hz for Meta-World)")
     ap.add_argument("--max-robots", type=int, default=24, help="fleet: largest fleet tried")
-    ap.add_argument("--fleet-max-steps", type=int, default=160, help="fleet: robot steps per episode")
+    ap.add_argument("--fleet-max-steps", type=int, default=320, help="fleet: robot steps per episode (320 at 80 Hz: "
+                                                                   "20 chunks of 16)")
     ap.add_argument("--replay", default=None, help="fleet: LeRobot dataset the robots replay (default: "
                                                     "data/episodes/metaworld-<task> if present, else synthetic)")
     ap.add_argument("--data-dir", type=Path, default=REPO / "data", help="MLflow tracking store's data root")
@@ -356,7 +363,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.quick:
-        args.sessions, args.session_steps, args.episodes, args.max_steps = 2, 5, 1, 48
+        args.sessions, args.session_steps, args.episodes, args.max_steps = 2, 10, 1, 48
         args.max_robots, args.fleet_max_steps, args.rate_factors = 2, 48, "1"
     logging.getLogger("kserve.trace").setLevel(logging.CRITICAL)
     result: dict = {"quick": args.quick, "command": " ".join([Path(sys.executable).name, *sys.argv])}
@@ -417,7 +424,9 @@ def main() -> None:
         "model_source": source, "wall_s": time.perf_counter() - t0, "machine": machine,
     })
     plot = args.out.parent / (args.out.stem + "_fleet.png")
-    plot_fleet(points, plot, f"{source[:40]}; {fleet_rate:g} Hz; load {machine['load_before']['load_avg_1m_5m_15m']}")
+    plot_fleet(points, plot, f"{'QUICK REHEARSAL (not a result); ' if args.quick else ''}on time: {capacity}; "
+                             f"{fleet_rate:g} Hz; load {machine['load_before']['load_avg_1m_5m_15m']} on "
+                             f"{machine['cores']} cores")
     result["fleet"]["plot"] = str(plot)
     result["mlflow_run_id"] = log_mlflow(result, plot, args.data_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
