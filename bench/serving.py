@@ -23,11 +23,15 @@ Starts the real policy server (``python -m services.policy_server``, kserve REST
       ``lingbot-bench-serving`` in the tracking store under ``--data-dir``).
 Paper-size (GPU) latency is ``bench/gpu_check.py``'s.
 
-Every figure is of this machine as it was: the JSON records the load average before and after and the cores, so a
-run on a busy machine (CPU contention is not the endpoint's cost) is visible. Run it on an idle machine:
+Every figure is of this machine as it was: the JSON records the load average before and after, the cores and
+``machine.idle_at_start`` (1-minute load below a quarter of the cores), so a run on a busy machine (CPU contention is
+not the endpoint's cost) is visible. Run it on an idle machine (nothing else running: no training, no DVC stage):
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/serving.py                 # ~35-60 min on 2 cores, see --help
-    OMP_NUM_THREADS=1 .venv/bin/python bench/serving.py --quick --out /tmp/serving-quick.json   # ~3-5 min rehearsal
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serving.py     # ~35-50 min on 2 cores; writes bench/results/serving.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serving.py --quick --out /tmp/serving-quick.json    # ~3 min rehearsal
+
+Knobs for tuning from the measurement: ``--server-threads`` (torch threads of the server), ``--server-args`` (e.g.
+``--max-batch-size 16 --max-wait-ms 10``), ``--fleet-rate-hz``, ``--max-robots``; they are recorded in the JSON.
 
 Model of the episodes and the fleet: --model-dir, else data/runs/posttrain-reach-v3/model if present, else a tiny
 model directory the benchmark writes (untrained; recorded in the JSON).
@@ -227,15 +231,17 @@ def measure_round_trips(endpoint: str, transport: str, policy, task: str, sessio
     return rows
 
 
-def overhead_at(size: int, scratch: Path, sessions: int, steps: int, extra_args: Sequence[str] = ()) -> dict:
+def overhead_at(size: int, scratch: Path, sessions: int, steps: int, extra_args: Sequence[str] = (),
+                env: dict[str, str] | None = None) -> dict:
     """gRPC and REST overhead for requests of two ``size`` px views, one chunk of frames."""
     from pipelines.evaluate.policy import ChunkPolicy
 
     model_dir = bench_model_dir(scratch / f"overhead-{size}", size)
     policy = ChunkPolicy(model_dir)
     out: dict = {"image_size": size, "steps_per_chunk": policy.steps_per_chunk,
+                 "model": "tiny preset written by the benchmark (its weights do not enter the overhead)",
                  "request": wire_bytes(session_requests("bytes", "reach-v3", 3, policy, 0)[-1])}
-    with ServerProcess(model_dir, scratch / f"overhead-{size}.log", args=list(extra_args)) as server:
+    with ServerProcess(model_dir, scratch / f"overhead-{size}.log", args=list(extra_args), env=env) as server:
         for transport, endpoint in (("grpc", server.grpc_endpoint), ("rest", server.rest_endpoint)):
             rows = measure_round_trips(endpoint, transport, policy, "reach-v3", sessions, steps)
             out[transport] = {**paired_overhead(rows["round_trip_ms"], rows["compute_ms"]),
@@ -358,6 +364,10 @@ def main() -> None:
                                                                    "20 chunks of 16)")
     ap.add_argument("--replay", default=None, help="fleet: LeRobot dataset the robots replay (default: "
                                                     "data/episodes/metaworld-<task> if present, else synthetic)")
+    ap.add_argument("--server-threads", type=int, default=1, help="torch threads of the server (the demo serves "
+                                                                  "with 1)")
+    ap.add_argument("--server-args", default="", help="more policy server flags for every phase, e.g. "
+                                                      "'--max-batch-size 16 --max-wait-ms 10'")
     ap.add_argument("--data-dir", type=Path, default=REPO / "data", help="MLflow tracking store's data root")
     ap.add_argument("--quick", action="store_true", help="small sizes: proves the benchmark runs (figures invalid)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -375,7 +385,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        overhead = {f"{s}px": overhead_at(int(s), scratch, args.sessions, args.session_steps)
+        server_args = args.server_args.split()
+        env = {"OMP_NUM_THREADS": str(args.server_threads), "MKL_NUM_THREADS": str(args.server_threads)}
+        overhead = {f"{s}px": overhead_at(int(s), scratch, args.sessions, args.session_steps, server_args, env)
                     for s in args.sizes.split(",")}
         demo = overhead[f"{args.sizes.split(',')[0]}px"]  # the demo's size comes first
 
@@ -385,7 +397,7 @@ def main() -> None:
         info = {"cameras": list(policy.cameras), "image_size": policy.image_size or 96}
         replay = args.replay or next((str(p) for p in [REPO / "data" / "episodes" / f"metaworld-{task}"]
                                       if (p / "meta" / "info.json").is_file()), "synthetic")
-        with ServerProcess(model_dir, scratch / "episodes.log") as server:
+        with ServerProcess(model_dir, scratch / "episodes.log", args=server_args, env=env) as server:
             plan = measure_round_trips(server.grpc_endpoint, "grpc", policy, task, 2 if args.quick else 4,
                                        args.session_steps, mode="sync")
             plan_ms = pct(plan["round_trip_ms"], 50)
@@ -399,12 +411,14 @@ def main() -> None:
         counts = robot_counts(args.max_robots)
         capacity, points = {}, {}
         for name, extra in (("batching", []), ("no_batching", ["--no-batching"])):
-            with ServerProcess(model_dir, scratch / f"fleet-{name}.log", args=extra) as server:
+            with ServerProcess(model_dir, scratch / f"fleet-{name}.log", args=server_args + extra, env=env) as server:
                 capacity[name], points[name] = find_capacity(
                     lambda n, ep=server.grpc_endpoint: fleet_point(ep, task, info, n, args.fleet_max_steps,
                                                                    fleet_rate, replay), counts)
 
-    machine["load_after"] = load()
+    machine["load_after"] = load()  # includes the benchmark's own server and robots
+    # a figure is of the endpoint only if nothing else ran: the 1-minute load before the run says whether it did
+    machine["idle_at_start"] = machine["load_before"]["load_avg_1m_5m_15m"][0] < 0.25 * (os.cpu_count() or 1)
     result.update({
         "grpc_overhead_ms_p50": demo["grpc"]["overhead_ms_p50"], "grpc_overhead_ms_p99": demo["grpc"]["overhead_ms_p99"],
         "rest_overhead_ms_p50": demo["rest"]["overhead_ms_p50"], "rest_overhead_ms_p99": demo["rest"]["overhead_ms_p99"],
@@ -421,6 +435,7 @@ def main() -> None:
         "fleet": {"model_dir": str(model_dir), "control_rate_hz": fleet_rate, "max_steps": args.fleet_max_steps,
                   "deadline_ms": 50.0, "on_time_threshold_pct": ON_TIME_PCT, "replay": replay, "simulated_robots": 1,
                   "counts_tried": counts, "points": points},
+        "server": {"threads": args.server_threads, "args": server_args},
         "model_source": source, "wall_s": time.perf_counter() - t0, "machine": machine,
     })
     plot = args.out.parent / (args.out.stem + "_fleet.png")
