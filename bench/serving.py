@@ -8,7 +8,9 @@ Starts the real policy server (``python -m services.policy_server``, kserve REST
       the demo's request size (two 64 px cameras, one chunk of frames) and at 96 px, on model directories the
       benchmark writes (tiny weights, the demo's chunk of 4 x tau 4 = 16 steps): the overhead does not depend on
       the weights. Beside it: the request's bytes on each wire, the server's decode time (``decode_us``) and batch
-      wait (``queue_us``), the protobuf parse time of the message (offline), and the model time itself.
+      wait (``queue_us``), the protobuf parse time of the message (offline), and the model time itself. Sessions
+      follow each other like a robot's episodes: for ``active_session_s`` (1 s) after a session's last request the
+      server still holds a batching window open for it, which shows in the p99 (``queue_ms_p99``), not the p50.
   * async_vs_sync_speedup, async_success_rate, sync_success_rate -- Algorithm 2 vs 1 on Meta-World episodes of the
       served model: mean episode wall time sync / async at the control rate where a chunk's execution time equals
       the sync plan time (measured first: the p50 round trip of sync step requests), with the same variants and
