@@ -48,7 +48,14 @@ Response outputs
                                re-map every step against the live state on the robot
 Response parameters
     model_version ("<registered name>/<version>" or the local directory's content hash), session_id, session_token,
-    chunk_index (0 for the reset response), embodiment, control_rate_hz, cameras (comma-separated), image_size.
+    chunk_index (0 for the reset response), embodiment, control_rate_hz, cameras (comma-separated), image_size, and
+    the server's own timing of the request, in integer microseconds (kserve's gRPC parameters carry no floats):
+    compute_us   model time: from the start of the batch that served the request until its chunk was ready
+                 (observe, imagine and plan passes; under cross-robot batching the batch's passes before it)
+    queue_us     time the request waited for its batch (the batching window, other batches running)
+    decode_us    time from the transport's message to a checked ``StepRequest`` (parsing and validation)
+    so a client's round trip minus ``compute_us`` is what the endpoint costs beyond the model (the benchmark's
+    overhead). Clients ignore response parameters they do not know.
 
 Errors
     Client mistakes are HTTP 4xx / gRPC INVALID_ARGUMENT (or NOT_FOUND / PERMISSION_DENIED / UNAUTHENTICATED /
@@ -100,6 +107,10 @@ OUTPUTS: dict[str, tuple[str, type, int]] = {
 _TRANSPORT_PARAMETERS = {"binary_data_output", "content_type", "headers"}
 # the request parameters of this protocol; any other is refused (a typo must not be silently ignored)
 PARAMETERS = ("session_id", "session_token", "reset", "instruction", "mode", "cameras", "seq", "model_version")
+# the response parameters (documented above); the timings are optional (absent from servers that do not time)
+RESPONSE_PARAMETERS = ("model_version", "session_id", "session_token", "chunk_index", "embodiment", "control_rate_hz",
+                       "cameras", "image_size", "compute_us", "queue_us", "decode_us")
+TIMINGS = ("compute", "queue", "decode")  # StepResponse.<name>_ms <-> response parameter <name>_us
 _INT_RANGE = {np.uint8: (0, 255)}
 
 
@@ -139,6 +150,9 @@ class StepResponse:
     cameras: tuple[str, ...] = field(default_factory=tuple)
     image_size: int | None = None
     session_token: str | None = None
+    compute_ms: float | None = None  # the server's model time for this request
+    queue_ms: float | None = None  # time it waited for its batch
+    decode_ms: float | None = None  # time the server took to parse and check it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +364,10 @@ def to_infer_response(resp: StepResponse, model_name: str = DEFAULT_MODEL_NAME, 
         params["image_size"] = int(resp.image_size)
     if resp.session_token is not None:
         params["session_token"] = resp.session_token
+    for name in TIMINGS:
+        ms = getattr(resp, f"{name}_ms")
+        if ms is not None:
+            params[f"{name}_us"] = max(0, round(1000 * ms))
     return InferResponse(response_id=request_id or str(uuid.uuid4()), model_name=model_name, infer_outputs=outputs,
                          model_version=resp.model_version, parameters=params, use_binary_outputs=binary)
 
@@ -375,6 +393,8 @@ def from_infer_response(response: InferResponse) -> StepResponse:
     cameras = params.get("cameras") or ""
     image_size = params.get("image_size")
     try:
+        timings = {f"{name}_ms": None if params.get(f"{name}_us") is None else int(params[f"{name}_us"]) / 1000
+                   for name in TIMINGS}
         return StepResponse(actions=arrays["actions"], targets=arrays["targets"],
                             model_version=str(params["model_version"]), session_id=str(params["session_id"]),
                             chunk_index=int(params["chunk_index"]), embodiment=str(params["embodiment"]),
@@ -382,7 +402,7 @@ def from_infer_response(response: InferResponse) -> StepResponse:
                             cameras=tuple(cameras.split(",")) if cameras else (),
                             image_size=None if image_size is None else int(image_size),
                             session_token=None if params.get("session_token") is None
-                            else str(params["session_token"]))
+                            else str(params["session_token"]), **timings)
     except (TypeError, ValueError) as err:
         raise InvalidInput(f"response parameters are malformed ({err})") from None
 
@@ -393,6 +413,7 @@ __all__ = [
     "MODES",
     "OUT_OF_ORDER",
     "PARAMETERS",
+    "RESPONSE_PARAMETERS",
     "UNKNOWN_SESSION",
     "VERSION_NOT_SERVED",
     "StepRequest",

@@ -1,5 +1,8 @@
 """N simulated Meta-World robots, one process each, running episodes against one policy endpoint (and its canary).
 
+With ``FleetSettings.replay`` all but the first ``simulated_robots`` robots replay recorded observations instead
+(``services.robot_client.replay``): a load test whose robots cost the machine little besides their requests.
+
 Every robot process builds a ``MetaWorldRobot`` per episode and drives it with its own ``RobotRuntime`` (its own
 gRPC channel and session per episode), exactly as an edge device would; with a canary endpoint each episode runs
 whole on the endpoint its session id picks. The processes are started with "spawn" (MuJoCo / OpenGL state does not
@@ -26,6 +29,8 @@ from services.fleet.settings import FleetSettings
 from services.robot_client.settings import RobotSettings
 
 os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+_SAWYER = "metaworld-sawyer"  # the Meta-World robots' embodiment; replay robots pose as it (its module imports MuJoCo)
 
 # the per-episode numbers summed per robot
 _COUNTS = ("steps", "policy_steps", "chunks", "on_time_chunks", "late_chunks", "stalls", "holds", "resets",
@@ -79,12 +84,12 @@ def _robot_process(index: int, fleet_dump: dict, robot_dump: dict, barrier, resu
     logging.getLogger("kserve.trace").setLevel(logging.CRITICAL)  # it logs a traceback per failed call; we count them
     try:
         from services.robot_client.client import PolicyClient
-        from services.robot_client.metaworld import MetaWorldRobot
         from services.robot_client.runtime import RobotRuntime
 
         fleet = FleetSettings(**fleet_dump)
         settings = RobotSettings(**{**robot_dump, "robot_id": f"robot-{index}"})
-        first = MetaWorldRobot(fleet.task, index * fleet.episodes, fleet.eval_seed, fleet.cameras, fleet.image_size)
+        make = _robot_factory(fleet, index)
+        first = make(index * fleet.episodes)
     except Exception as exc:
         barrier.abort()
         results.put((index, {"error": f"{type(exc).__name__}: {exc}", "episodes": []}))
@@ -98,8 +103,7 @@ def _robot_process(index: int, fleet_dump: dict, robot_dump: dict, barrier, resu
                 (PolicyClient.from_settings(settings, canary) if canary else contextlib.nullcontext()) as canary_client:
             for e in range(fleet.episodes):
                 variant = index * fleet.episodes + e
-                robot = first if e == 0 else MetaWorldRobot(fleet.task, variant, fleet.eval_seed, fleet.cameras,
-                                                            fleet.image_size)
+                robot = first if e == 0 else make(variant)
                 try:
                     runtime = RobotRuntime(robot, settings, client=client, canary_client=canary_client)
                     stats = runtime.run_episode(fleet.task)
@@ -109,6 +113,20 @@ def _robot_process(index: int, fleet_dump: dict, robot_dump: dict, barrier, resu
     except Exception as exc:  # a robot that breaks is reported, never a crashed fleet
         error = f"{type(exc).__name__}: {exc}"
     results.put((index, {"error": error, "episodes": episodes}))
+
+
+def _robot_factory(fleet: FleetSettings, index: int):
+    """variant -> a new robot: Meta-World, or a replay robot for robots past ``simulated_robots`` with ``replay``."""
+    if fleet.replay is None or index < fleet.simulated_robots:
+        from services.robot_client.metaworld import MetaWorldRobot
+
+        return lambda variant: MetaWorldRobot(fleet.task, variant, fleet.eval_seed, fleet.cameras, fleet.image_size)
+    from pipelines.data.embodiments import get_adapter
+    from services.robot_client.replay import ReplayRobot, replay_observations
+
+    frames, states, _ = replay_observations(fleet.replay, fleet.cameras, fleet.image_size,
+                                            get_adapter(_SAWYER).spec.state_dim, episode=index, seed=index)
+    return lambda variant: ReplayRobot(frames, states, _SAWYER, fleet.cameras)
 
 
 def summarize_robot(name: str, episodes: list[dict], error: str | None = None) -> dict[str, Any]:

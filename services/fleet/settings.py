@@ -23,6 +23,12 @@ class FleetSettings(BaseSettings):
     on_time_threshold_pct: float = Field(95.0, ge=0.0, le=100.0,
                                          description="a robot is served on time with at least this share of chunks")
     start_timeout_s: float = Field(120.0, gt=0, description="how long a robot process may take to start")
+    replay: str | None = Field(None, description="load tests: robots replay recorded observations instead of "
+                                                 "simulating (no simulator on the endpoint's cores): a LeRobot "
+                                                 "dataset directory, or 'synthetic' for random frames of the model's "
+                                                 "size; None: every robot simulates")
+    simulated_robots: int = Field(1, ge=0, description="with replay: how many robots (the first ones) still simulate "
+                                                       "Meta-World, for realism in the loop")
 
     @field_validator("task")
     @classmethod

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="batch concurrent sessions' model passes (default on)")
     g.add_argument("--max-batch-size", type=int, help="most sessions in one batched model pass")
     g.add_argument("--max-wait-ms", type=float, help="batching window after the first request")
+    g.add_argument("--active-session-s", type=float, help="sessions that sent a request this recently may join a "
+                                                          "batch; the window closes once all are in (0: never early)")
     g.add_argument("--max-sessions", type=int, help="sessions kept (LRU eviction beyond)")
     g.add_argument("--session-ttl-s", type=float, help="idle time after which a session is evicted")
     g.add_argument("--max-session-memory-mb", type=float, help="cap on the sessions' cache memory (0: none)")
@@ -47,8 +49,8 @@ def settings_from_args(args: argparse.Namespace):
     from services.policy_server.settings import ServeSettings
 
     names = ["model", "model_name", "host", "token_file", "tracking_uri", "data_dir", "device", "seed", "batching",
-             "max_batch_size", "max_wait_ms", "max_sessions", "session_ttl_s", "max_session_memory_mb",
-             "max_request_mb", "poll_interval_s", "old_sessions"]
+             "max_batch_size", "max_wait_ms", "active_session_s", "max_sessions", "session_ttl_s",
+             "max_session_memory_mb", "max_request_mb", "poll_interval_s", "old_sessions"]
     return ServeSettings(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
 
 

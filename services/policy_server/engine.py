@@ -20,6 +20,7 @@ import hmac
 import logging
 import secrets
 import threading
+import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -75,7 +76,8 @@ class PolicyEngine:
                                   on_evict=lambda reason, n: metrics.EVICTIONS.labels(model_name, reason).inc(n))
         self.batcher = Batcher(self._process, max_batch_size=settings.max_batch_size,
                                max_wait_s=settings.max_wait_ms / 1000, batching=settings.batching,
-                               on_idle=self.housekeeping, name=f"batcher-{model_name}")
+                               on_idle=self.housekeeping, active_s=settings.active_session_s or None,
+                               name=f"batcher-{model_name}")
         metrics.MODEL_VERSION.labels(model_name, handle.version).set(1)
 
     def start(self) -> PolicyEngine:
@@ -145,9 +147,12 @@ class PolicyEngine:
         for group in groups.values():
             for step, plan in zip(group, self._plan(group), strict=True):
                 try:
-                    step.job.future.set_result(self._finish(step, plan))
+                    response = self._finish(step, plan)
                 except Exception as err:
                     self._fail(step.job, err, step.session)
+                    continue
+                self._time(step.job, response, "reset" if step.job.payload.reset else step.kind)
+                step.job.future.set_result(response)
         if steps:
             metrics.BATCH_SIZE.labels(self.model_name).observe(len(steps))
         self.housekeeping()
@@ -312,6 +317,15 @@ class PolicyEngine:
                             image_size=policy.image_size, session_token=session.token)
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _time(self, job: Job, response: StepResponse, kind: str) -> None:
+        """The server's own timing of a request, on its response and in the metrics: model time since its batch
+        began (the model passes of requests ahead of it in the batch included) and the wait for the batch."""
+        now = time.perf_counter()
+        started = job.started_at if job.started_at is not None else job.queued_at
+        response.compute_ms, response.queue_ms = 1000 * (now - started), 1000 * (started - job.queued_at)
+        metrics.COMPUTE_SECONDS.labels(self.model_name, kind).observe(now - started)
+        metrics.QUEUE_SECONDS.labels(self.model_name).observe(started - job.queued_at)
+
     def _fail(self, job: Job, err: Exception, session: Session | None = None) -> None:
         if not isinstance(err, InvalidInput):
             log.error("step of session %s failed", job.key, exc_info=err)

@@ -11,6 +11,7 @@ closed) and for bugs. ``Guard`` checks metadata size, a single ``authorization``
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -104,7 +105,8 @@ class PolicyService:
         model = self._model(request.model_name, request.model_version)
         if not serving(model):
             raise ModelNotReady(request.model_name)
-        response = await model.predict(grpc_request(request))
+        received_at = time.perf_counter()
+        response = await model.predict(grpc_request(request), received_at=received_at)
         return response.to_grpc()
 
     async def repository_load(self, request, context):

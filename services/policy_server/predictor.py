@@ -68,15 +68,23 @@ class LingBotPredictor(Model):
         return None if self.runtime is None else self.runtime.current.version
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None,
-                      response_headers: dict[str, str] | None = None):
+                      response_headers: dict[str, str] | None = None, *, received_at: float | None = None):
+        """``received_at``: when the transport began decoding the message (perf_counter), so ``decode_us`` covers
+        it; default now."""
         if not isinstance(payload, InferRequest):
             raise InvalidInput("this endpoint speaks the Open Inference Protocol V2: POST /v2/models/"
                                f"{self.name}/infer (REST, binary tensors) or gRPC ModelInfer")
         t0, kind, outcome = time.perf_counter(), "unparsed", "error"
         try:
             step = from_infer_request(payload, max_bytes=self.settings.max_request_bytes)
+            decoded = time.perf_counter()
+            decode_s = decoded - (received_at if received_at is not None else t0)
+            metrics.DECODE_SECONDS.labels(self.name).observe(decode_s)
+            metrics.REQUEST_BYTES.labels(self.name).observe(
+                sum(a.nbytes for a in (step.images, step.actions, step.state) if a is not None))
             kind = "reset" if step.reset else "step"
             response = await asyncio.wrap_future(self.runtime.submit(step))
+            response.decode_ms = 1000 * decode_s
             outcome = "ok"
         except InvalidInput:
             outcome = "invalid"

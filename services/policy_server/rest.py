@@ -17,6 +17,7 @@ Every rejection answers ``{"error": ...}`` with a 4xx and logs one WARNING line,
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
@@ -90,8 +91,10 @@ class Routes:
         model = self.model(model_name)
         if not serving(model):
             raise ModelNotReady(model_name)
-        infer_request, binary = rest_request(await request.body(), request.headers, model_name)
-        response = await model.predict(infer_request)
+        body = await request.body()
+        received_at = time.perf_counter()
+        infer_request, binary = rest_request(body, request.headers, model_name)
+        response = await model.predict(infer_request, received_at=received_at)
         return encode(response, binary)
 
 

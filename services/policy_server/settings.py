@@ -37,6 +37,9 @@ class ServeSettings(BaseSettings):
     batching: bool = Field(True, description="run concurrent sessions' model passes as one batch")
     max_batch_size: int = Field(8, ge=1, description="most requests one batch serves")
     max_wait_ms: float = Field(5.0, ge=0.0, description="how long a batch waits for more requests after the first")
+    active_session_s: float = Field(1.0, ge=0.0, description="a session that sent a request this recently may join "
+                                                            "a batch; the batching window closes once the batch "
+                                                            "holds all of them (0: always wait max_wait_ms)")
 
     max_sessions: int = Field(64, ge=1, description="sessions kept; the least recently used one is evicted beyond")
     session_ttl_s: float = Field(600.0, gt=0.0, description="a session idle this long is evicted")

@@ -109,3 +109,15 @@ def test_report_compares_model_versions_episode_by_episode():
     rep = {"per_robot": [], "overall": summarize_robot("all", []), "robots_on_time": 0, "robots": 0,
            "on_time_threshold_pct": 95.0, "deadline_ms": 50.0, "mode": "async", "wall_s": 1.0, "versions": versions}
     assert "  m/2 (canary): 3 episodes, success 0.67" in table(rep).splitlines()
+
+
+def test_replay_robots_load_the_endpoint_beside_one_simulated_robot(server):
+    """Robots past ``simulated_robots`` replay observations (here synthetic frames of the model's size): they are
+    served like any robot, never succeed and run their step budget."""
+    fleet = FleetSettings(robots=2, task=TASK, image_size=32, replay="synthetic", simulated_robots=1)
+    rep = run_fleet(fleet, RobotSettings(endpoint=server.grpc_endpoint, control_rate_hz=20, max_steps=24))
+    sim, replayed = rep["per_robot"]
+    for r in (sim, replayed):
+        assert r["episodes"] == 1 and r["errors"] == 0, r["error_examples"]
+        assert r["chunks"] >= 3 and r["requests"] >= r["chunks"]
+    assert replayed["steps"] == 24 and replayed["successes"] == 0

@@ -200,3 +200,26 @@ def test_batcher_fails_queued_jobs_on_stop():
         second.result(timeout=10)
     with pytest.raises(RuntimeError, match="stopped"):
         batcher.submit("c", 3)
+
+
+def test_batcher_window_closes_once_every_active_session_is_in():
+    """A lone robot's request does not wait out the batching window; with another session active it does (so the
+    other's request can join)."""
+    waited: list[float] = []
+
+    def process(jobs):
+        for j in jobs:
+            waited.append(j.started_at - j.queued_at)
+            j.future.set_result(len(jobs))
+
+    batcher = Batcher(process, max_batch_size=4, max_wait_s=0.3, active_s=5.0).start()
+    try:
+        assert batcher.submit("a", 0).result(timeout=10) == 1
+        assert waited[-1] < 0.15  # alone: no window
+        batcher.submit("b", 0).result(timeout=10)  # b is active now too
+        first = batcher.submit("a", 1)
+        time.sleep(0.05)
+        second = batcher.submit("b", 1)
+        assert (first.result(timeout=10), second.result(timeout=10)) == (2, 2)  # the window held a for b
+    finally:
+        batcher.stop()

@@ -9,6 +9,7 @@ from kserve import InferRequest, InferResponse
 from kserve.errors import InvalidInput
 
 from services.protocol import (
+    RESPONSE_PARAMETERS,
     StepRequest,
     StepResponse,
     from_infer_request,
@@ -61,7 +62,8 @@ def test_responses_round_trip(transport):
     resp = StepResponse(actions=np.linspace(-1, 1, 32, dtype=np.float32).reshape(8, 4),
                         targets=np.arange(240, dtype=np.float32).reshape(8, 30), model_version="lingbot-va-x/3",
                         session_id="r", chunk_index=5, embodiment="metaworld-sawyer", control_rate_hz=80.0,
-                        cameras=("corner4", "gripperPOV"), image_size=32)
+                        cameras=("corner4", "gripperPOV"), image_size=32, compute_ms=123.4564, queue_ms=0.0,
+                        decode_ms=0.2)
     infer = to_infer_response(resp, "lingbot-va", "id-1")
     if transport == "rest":
         body, json_length = infer.to_rest()
@@ -72,6 +74,17 @@ def test_responses_round_trip(transport):
     assert (back.model_version, back.session_id, back.chunk_index, back.embodiment, back.control_rate_hz,
             back.cameras, back.image_size) == ("lingbot-va-x/3", "r", 5, "metaworld-sawyer", 80.0,
                                                ("corner4", "gripperPOV"), 32)
+    # the server's timings travel as integer microseconds (kserve's gRPC parameters carry no floats)
+    assert (back.compute_ms, back.queue_ms, back.decode_ms) == (123.456, 0.0, 0.2)
+    assert {"compute_us", "queue_us", "decode_us"} <= set(RESPONSE_PARAMETERS)
+
+
+def test_responses_without_timings_parse():
+    """Servers that do not time their requests (older ones) answer without the timing parameters."""
+    resp = StepResponse(np.zeros((8, 4), np.float32), np.zeros((8, 30), np.float32), "v", "r", 0, "metaworld-sawyer",
+                        80.0)
+    back = from_infer_response(InferResponse.from_grpc(to_infer_response(resp).to_grpc()))
+    assert (back.compute_ms, back.queue_ms, back.decode_ms) == (None, None, None)
 
 
 def test_size_limit_is_checked_before_decoding():

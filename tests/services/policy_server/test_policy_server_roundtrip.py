@@ -39,6 +39,9 @@ def check(resp: StepResponse, plan, state: np.ndarray, chunk: int, local: ChunkP
     assert resp.model_version.startswith("dir-") and resp.embodiment == "metaworld-sawyer"
     assert resp.control_rate_hz == spec.control_rate_hz and resp.cameras == local.cameras
     assert resp.image_size == local.image_size
+    # the server's own timing of the request: model time, batch wait and decode, all within the round trip
+    assert resp.compute_ms is not None and resp.compute_ms > 0
+    assert resp.queue_ms is not None and resp.queue_ms >= 0 and resp.decode_ms is not None and resp.decode_ms >= 0
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
@@ -130,10 +133,13 @@ def test_metrics_and_metadata(policy_server, local):
     policy_server.step(StepRequest("metrics-1", reset=True, images=frames(1, 5), state=states(1, 5)))
     text = policy_server.metrics()
     for name in ("lingbot_serve_request_seconds_bucket", "lingbot_serve_batch_size_count",
-                 "lingbot_serve_active_sessions", "lingbot_serve_model_version_info"):
+                 "lingbot_serve_active_sessions", "lingbot_serve_model_version_info",
+                 "lingbot_serve_compute_seconds_bucket", "lingbot_serve_queue_seconds_count",
+                 "lingbot_serve_decode_seconds_count", "lingbot_serve_request_bytes_count"):
         assert name in text, name
     assert re.search(r'lingbot_serve_request_seconds_count\{kind="reset",model_name="lingbot-va",outcome="ok"\} '
                      r'[1-9]', text)
+    assert re.search(r'lingbot_serve_compute_seconds_count\{kind="reset",model_name="lingbot-va"\} [1-9]', text)
     assert re.search(r'lingbot_serve_model_version_info\{model_name="lingbot-va",version="dir-[0-9a-f]+"\} 1\.0',
                      text)
     active = re.search(r'lingbot_serve_active_sessions\{model_name="lingbot-va"\} (\S+)', text)
