@@ -415,14 +415,7 @@ def build_tuned(config, plan: Plan, device: torch.device):
     if plan.zero_stage >= 2:
         ds_config["zero_optimization"].update(TUNING["zero_optimization"])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-
-    def step(batch, gen):
-        out = engine(batch, gen)
-        engine.backward(out["loss"])
-        engine.step()
-        return out["loss"]
-
-    return engine.module, step
+    return engine.module, mfu.engine_step(engine)
 
 
 def profile_step(step, batch: dict, device: torch.device, path: Path, title: str) -> list:

@@ -127,14 +127,19 @@ def build(variant: str, config, zero_stage: int, device="cuda", compile_kwargs: 
 
     settings = TrainSettings(stage="pretrain", zero_stage=zero_stage, precision="bf16", steps=1000, register_model=False)
     engine, _ = build_engine(model, settings, 1)
+    return engine.module, engine_step(engine)
 
-    def ds_step(batch, gen):
+
+def engine_step(engine):
+    """One training step through a DeepSpeed engine: forward, engine.backward, engine.step; returns the loss."""
+
+    def step(batch, gen):
         out = engine(batch, gen)
         engine.backward(out["loss"])
         engine.step()
         return out["loss"]
 
-    return engine.module, ds_step
+    return step
 
 
 def measure(step, batch: dict, warmup: int, steps: int, device) -> dict:
