@@ -107,9 +107,14 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
     return out
 
 
+def step_tag(step: int) -> str:
+    """The tag (sub-directory) of the checkpoint saved at ``step``."""
+    return f"step{step:07d}"
+
+
 def save(engine, ckpt_dir: Path, step: int, client: dict, keep: int) -> None:
     """Save checkpoint ``step<step>`` (every rank), keep the newest ``keep`` and drop stale universal conversions."""
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}", client_state=client)
+    engine.save_checkpoint(str(ckpt_dir), tag=step_tag(step), client_state=client)
     if int(os.environ.get("RANK", 0)) == 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep]:

@@ -25,6 +25,7 @@ _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_*
     "val_every": (int, "validation interval"),
     "episode_start_prob": (float, "probability that a window starts at its episode's first frame"),
     "snapshot_every": (int, "also write a model directory every N steps (learning curves)"),
+    "ema_decay": (float, "EMA of the weights saved as the model (0: the last trained weights)"),
     "seed": (int, "seed"),
     "demos": (int, "train on the first N demos of each task (e.g. 10)"),
     "objective": (str, "world_model (default) | reactive (the baseline)"),
@@ -63,6 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            help=f"{flag_help} ({detail})")
         p.add_argument("--activation-checkpointing", action="store_true", default=None,
                        help="recompute each MoT layer in the backward pass (less memory, more compute)")
+        p.add_argument("--save-raw", action="store_true", default=None,
+                       help="with an EMA, also write the last trained weights to <run>/snapshots/raw (A/B runs)")
         p.add_argument("--no-register", dest="register_model", action="store_false", default=None,
                        help="do not log and register the final model in MLflow (default: register, alias challenger)")
         resume = p.add_mutually_exclusive_group()
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.train.settings import TrainSettings
     from pipelines.train.trainer import train
 
-    overrides = {k: getattr(args, k) for k in [*_FLAGS, "activation_checkpointing", "register_model"]
+    overrides = {k: getattr(args, k) for k in [*_FLAGS, "activation_checkpointing", "register_model", "save_raw"]
                  if getattr(args, k) is not None}
     try:
         settings = TrainSettings(stage=args.stage, **overrides)

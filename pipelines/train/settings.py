@@ -59,6 +59,9 @@ class TrainSettings(BaseSettings):
     episode_start_prob: float = Field(
         0.5, ge=0.0, le=1.0, description="probability that a training window starts at its episode's first frame "
                                          "(where every rollout starts)")
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="exponential moving average of the weights, saved "
+                                                           "as the model (decay warmed up as (1+t)/(10+t)); 0: off")
+    save_raw: bool = Field(False, description="with an EMA, also write the last trained weights to <run>/snapshots/raw")
     checkpoint_every: int = Field(100, ge=1, description="DeepSpeed checkpoint interval (steps)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
     val_every: int = Field(100, ge=1, description="validation interval (steps)")

@@ -30,6 +30,7 @@ from model import LingBotVA, get_preset
 from pipelines.data.encode import dist_info
 from pipelines.data.loader import PackedWindows
 from pipelines.train import checkpoint
+from pipelines.train.ema import WeightEMA
 from pipelines.train.parallelize import build_engine, use_repo_ops_cache
 from pipelines.train.settings import TrainSettings
 
@@ -170,6 +171,9 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
         if rank == 0:
             print(f"[{settings.run_name}] resumed at step {step} ({consumed} micro-batches drawn) on {world} ranks, "
                   f"saved on {saved_world}", flush=True)
+    ema = WeightEMA(engine.module, settings.ema_decay) if settings.ema_decay else None
+    if ema is not None and source is not None:
+        ema.load(ckpt_dir / checkpoint.latest_tag(ckpt_dir), rank, world)
 
     tracker = Tracker(settings, index, ds_config, run_id=run_id) if rank == 0 else None
     stop_at = settings.steps if settings.max_steps_this_run is None else min(settings.steps, step + settings.max_steps_this_run)
@@ -187,6 +191,8 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
             acc += [out[k].item() for k in ("loss", "dyn", "inv", "fdm")]
             tokens += loader.batch_tokens(batch)
             samples += len(batch["num_frames"])
+        if ema is not None:
+            ema.update()
         step, consumed = step + 1, consumed + settings.grad_accum * world
         dt = time.perf_counter() - t0
         loss, dyn, inv, fdm_l = _all_mean(list(acc / settings.grad_accum))
@@ -212,15 +218,19 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
             if tracker and strip is not None:
                 tracker.log_prediction_strip(*strip, step)
         if settings.snapshot_every and step % settings.snapshot_every == 0 and step < settings.steps:
-            _save_final(engine, settings, index, None, out=settings.output / "snapshots" / f"step{step:07d}")
+            _save_final(engine, settings, index, None, ema, out=settings.output / "snapshots" / f"step{step:07d}")
         if step % settings.checkpoint_every == 0 or step == stop_at:
             client = {"step": step, "micro_batches": consumed, "world_size": world,
                       "mlflow_run_id": tracker.run_id if tracker else None}  # DeepSpeed saves rank 0's client state
+            if ema is not None:  # beside the checkpoint, before DeepSpeed marks it complete
+                ema.save(ckpt_dir / checkpoint.step_tag(step), rank, world)
             checkpoint.save(engine, ckpt_dir, step, client, settings.keep_checkpoints)
     bar.close()
     summary = {"step": step, "finished": step >= settings.steps, **last}
     if step >= settings.steps:
-        summary["model_dir"] = str(_save_final(engine, settings, index, tracker))
+        summary["model_dir"] = str(_save_final(engine, settings, index, tracker, ema))
+        if ema is not None and settings.save_raw:  # the last trained weights too, to measure what the average buys
+            _save_final(engine, settings, index, None, None, out=settings.output / "snapshots" / "raw")
     if tracker:
         summary["mlflow_run_id"] = tracker.run_id
         tracker.finish(summary)
@@ -230,8 +240,15 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
     return summary
 
 
-def _save_final(engine, settings: TrainSettings, index: dict, tracker, out: Path | None = None) -> Path:
-    """Consolidate (ZeRO-3 gathers the shards) and write the model directory (default ``<run>/model``) on rank 0."""
+def _save_final(engine, settings: TrainSettings, index: dict, tracker, ema: WeightEMA | None = None,
+                out: Path | None = None) -> Path:
+    """Consolidate (ZeRO-3 gathers the shards) and write the model directory (default ``<run>/model``) on rank 0:
+    the weight average when the run keeps one (``ema``), else the last trained weights."""
+    with ema.swapped() if ema is not None else contextlib.nullcontext():
+        return _write_model_dir(engine, settings, index, tracker, out)
+
+
+def _write_model_dir(engine, settings: TrainSettings, index: dict, tracker, out: Path | None) -> Path:
     import deepspeed
 
     from pipelines.train.tracking import encoder_files, model_metadata

@@ -54,8 +54,8 @@ def metric_history(data: Path, run_id: str, key: str) -> list[float]:
 @pytest.mark.parametrize("zero", [2, 3], ids=["zero2", "zero3"])
 def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
     run = f"zero{zero}"
-    cli(*train_args(data, run, "--steps", "8", "--zero-stage", str(zero), "--snapshot-every", "4", "--no-register"),
-        nproc=2)
+    cli(*train_args(data, run, "--steps", "8", "--zero-stage", str(zero), "--snapshot-every", "4", "--no-register",
+                    "--save-raw"), nproc=2)
     out = data / "runs" / run
     digests = {p.read_text() for p in out.glob("param_digest.rank*.txt")}
     assert len(list(out.glob("param_digest.rank*.txt"))) == 2 and len(digests) == 1
@@ -76,13 +76,16 @@ def test_two_ranks_train_with_falling_loss_and_identical_parameters(data, zero):
     observation = json.loads((model_dir / "config.json").read_text())["action_space"]["observation"]
     assert observation["latent_hw"] and observation["cameras"]
     # --snapshot-every: a complete model directory at step 4 (learning curves), distinct from the final one
+    # --save-raw: the last trained weights beside the saved weight average (ZeRO-3 gathers the averaged shards)
     snapshots = sorted(p.name for p in (out / "snapshots").iterdir())
-    assert snapshots == ["step0000004"]
+    assert snapshots == ["raw", "step0000004"]
     from model.lingbot_va import LingBotVA
 
-    early, final = (LingBotVA.from_pretrained(d) for d in (out / "snapshots" / "step0000004", model_dir))
+    early, final, raw = (LingBotVA.from_pretrained(d) for d in (out / "snapshots" / "step0000004", model_dir,
+                                                                out / "snapshots" / "raw"))
     assert (out / "snapshots" / "step0000004" / "vae").is_dir()
     assert any(not torch.equal(a, b) for a, b in zip(early.parameters(), final.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), final.parameters(), strict=True))
 
 
 def test_kill_and_resume_continues_the_same_run(data):
@@ -98,6 +101,12 @@ def test_kill_and_resume_continues_the_same_run(data):
     assert resumed["mlflow_run_id"] == stopped["mlflow_run_id"]
     assert metric_history(data, resumed["mlflow_run_id"], "loss") == pytest.approx(
         metric_history(data, straight["mlflow_run_id"], "loss"), rel=1e-5)
+    # the weight average was saved with the checkpoint and continued: the same model as the uninterrupted run
+    from model.lingbot_va import LingBotVA
+
+    a, b = (LingBotVA.from_pretrained(data / "runs" / r / "model").state_dict() for r in ("straight", "resumed"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert (data / "runs" / "resumed" / "checkpoints" / "step0000003" / "ema.pt").is_file()
 
 
 @pytest.mark.slow
@@ -112,8 +121,9 @@ def test_resume_at_another_world_size_continues_the_loss(data, zero, before, aft
     from model.lingbot_va import LingBotVA
 
     def run(name: str, ranks: int, *extra: str) -> None:
+        # --ema-decay 0: the model directory is the trained weights, so it can be compared with the checkpoint's
         cli(*train_args(data, name, "--zero-stage", str(zero), "--checkpoint-every", "3", "--no-register",
-                        "--grad-accum", str(2 // ranks), *extra), "--resume-if-present", nproc=ranks)
+                        "--grad-accum", str(2 // ranks), "--ema-decay", "0", *extra), "--resume-if-present", nproc=ranks)
 
     straight, elastic = f"ws-straight-{zero}-{before}", f"ws-elastic-{zero}-{before}to{after}"
     run(straight, before, "--steps", "6")
