@@ -1,11 +1,15 @@
-"""A/B of inference settings on the same held-out episodes (not a test): e.g. video CFG 5.0 (the paper's) vs 1.0.
+"""A/B of inference settings or weights on the same held-out episodes (not a test): e.g. video CFG 5.0 (the paper's)
+vs 1.0, or the saved weight average (``<run>/model``) vs the last trained weights (``<run>/snapshots/raw``).
 
-Each variant rolls out the same post-trained model directories on the same episodes (same env seeds, same sampler
-seeds) with only the named ``Session`` settings changed, so the difference is the setting's.
+Each variant rolls out the same post-trained runs on the same episodes (same env seeds, same sampler seeds) with only
+the named ``Session`` settings, or the model directory inside the run (``model=<subdir>``, default ``model``),
+changed, so the difference is the setting's.
 
 Usage: .venv/bin/python bench/sampler_ab.py --tasks reach-v3,drawer-close-v3 --episodes 20 \
            --variant cfg5:video_cfg=5.0 --variant cfg1:video_cfg=1.0
-Writes bench/results/sampler_ab.json.
+       .venv/bin/python bench/sampler_ab.py --tasks door-open-v3 --variant ema: --variant raw:model=snapshots/raw \
+           --out bench/results/ema_ab.json
+Writes bench/results/sampler_ab.json (or --out).
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
+    """``name:key=value,...`` -> (name, settings); ``model`` names the model directory inside the run."""
     name, _, settings = text.partition(":")
-    out = {}
+    out: dict = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        out[key] = int(value) if key in ("video_steps", "action_steps", "window_chunks") else float(value)
+        if key == "model":
+            out[key] = value
+        else:
+            out[key] = int(value) if key in ("video_steps", "action_steps", "window_chunks") else float(value)
     return name, out
 
 
@@ -46,15 +54,17 @@ def main() -> None:
     t0 = time.perf_counter()
     for name, sampler in variants.items():
         per_task = {}
+        sampler = dict(sampler)
+        subdir = sampler.pop("model", "model")
         for task in args.tasks.split(","):
-            model_dir = args.runs / f"posttrain-{task}" / "model"
+            model_dir = args.runs / f"posttrain-{task}" / subdir
             report = evaluate(partial(ChunkPolicy, str(model_dir), sampler=sampler), [task], episodes=args.episodes,
                               workers=args.workers, max_steps=args.max_steps, videos_per_task=0)
             t = report["tasks"][task]
             per_task[task] = {k: t[k] for k in ("success_rate", "progress", "plan_ms_p50")}
             print(name, task, per_task[task], flush=True)
         rates = [v["success_rate"] for v in per_task.values()]
-        result["variants"][name] = {"sampler": sampler, "avg_success": sum(rates) / len(rates), "per_task": per_task}
+        result["variants"][name] = {"sampler": sampler, "model": subdir, "avg_success": sum(rates) / len(rates), "per_task": per_task}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
