@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.data.embodiments import METAWORLD_CAMERAS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,6 +26,8 @@ class DataSettings(BaseSettings):
     tasks: str = Field("MT10", description="MT10, MT50 or comma-separated task names")
     episodes: int = Field(50, ge=1, description="successful demonstrations per task")
     image_size: int = Field(96, ge=16, description="rendered camera image size (pixels, square)")
+    cameras: str = Field(",".join(METAWORLD_CAMERAS),
+                         description="comma-separated views to render: scene cameras or derived views (corner4_zoom)")
     seed: int = Field(0, description="seed of collection, splits and sampling")
     workers: int = Field(2, ge=1, description="parallel processes for collection")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="validation share of each dataset's episodes")

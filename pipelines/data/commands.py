@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=d.tasks, help="MT10, MT50 or comma-separated task names")
     p.add_argument("--episodes", type=int, default=d.episodes, help="successful episodes per task")
     p.add_argument("--image-size", type=int, default=d.image_size, help="square camera images, pixels")
+    p.add_argument("--cameras", default=d.cameras,
+                   help="comma-separated views: scene cameras or derived views (pipelines.data.embodiments.METAWORLD_VIEWS)")
     p.add_argument("--seed", type=int, default=d.seed, help="collection seed (each task derives its own)")
     p.add_argument("--workers", type=int, default=d.workers, help="parallel simulator processes")
     p.add_argument("--out", type=Path, default=d.episodes_dir,
@@ -87,12 +89,13 @@ def collect(args: argparse.Namespace) -> int:
 
     tasks = resolve_tasks(args.tasks)
     start = time.time()
+    cameras = tuple(c.strip() for c in args.cameras.split(",") if c.strip())
     results = collect_metaworld(tasks, args.episodes, seed=args.seed, image_size=args.image_size,
-                                workers=args.workers, out_dir=args.out)
+                                workers=args.workers, cameras=cameras, out_dir=args.out)
     kept = {t: r[0] for t, r in results.items()}
     discarded = {t: r[1] for t, r in results.items()}
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    summary = {"tasks": tasks, "kept": kept, "discarded": discarded, "wall_seconds": round(time.time() - start, 1),
+    summary = {"tasks": tasks, "cameras": list(cameras), "kept": kept, "discarded": discarded, "wall_seconds": round(time.time() - start, 1),
                "bytes_on_disk": size}
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps(summary, indent=1))

@@ -26,7 +26,7 @@ import os
 import shutil
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 # Headless by default: MuJoCo picks its GL backend when it is first imported, so this must precede the imports below.
@@ -40,7 +40,7 @@ from metaworld.policies import ENV_POLICY_MAP
 from metaworld.policies.policy import Policy
 from metaworld.sawyer_xyz_env import SawyerXYZEnv
 
-from pipelines.data.embodiments import METAWORLD_CAMERAS, get_adapter
+from pipelines.data.embodiments import METAWORLD_CAMERAS, METAWORLD_VIEWS, CameraCrop, get_adapter
 from pipelines.data.episode import Episode
 
 EMBODIMENT = "metaworld-sawyer"
@@ -156,13 +156,21 @@ def camera_needs_rotation(model: mujoco.MjModel, data: mujoco.MjData, camera: st
 
 
 class CameraRig:
-    """Renders several cameras of one env with a single fast offscreen renderer."""
+    """Renders several views of one env with a single fast offscreen renderer.
 
-    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, cameras: Sequence[str], size: int) -> None:
+    A view is a scene camera or a derived view of ``views`` (default ``METAWORLD_VIEWS``: zoomed crops of a scene
+    camera, rendered through an off-centre frustum at the full size).
+    """
+
+    def __init__(self, model: mujoco.MjModel, data: mujoco.MjData, cameras: Sequence[str], size: int,
+                 views: Mapping[str, CameraCrop] = METAWORLD_VIEWS) -> None:
         names = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)]
-        unknown = [c for c in cameras if c not in names]
+        self.crops = {c: views[c] for c in cameras if c not in names and c in views}
+        base = {c: self.crops[c].camera if c in self.crops else c for c in cameras}
+        unknown = [c for c in cameras if base[c] not in names]
         if unknown:
-            raise ValueError(f"unknown camera(s) {unknown}; the Sawyer scene has {names}")
+            raise ValueError(f"unknown camera(s) {unknown}; the Sawyer scene has {names} and the derived views "
+                             f"{sorted(views)}")
         # Speed: no shadow map pass, no multisample buffer; must be set before the GL context is made.
         model.vis.quality.shadowsize = 0
         model.vis.quality.offsamples = 0
@@ -174,12 +182,26 @@ class CameraRig:
         flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         mujoco.mj_forward(model, data)
         self.cameras = tuple(cameras)
-        self.rotate = {c: camera_needs_rotation(model, data, c) for c in self.cameras}
+        self.base = base
+        self.rotate = {c: camera_needs_rotation(model, data, base[c]) for c in self.cameras}
+
+    def _crop(self, crop: CameraCrop, rotated: bool) -> None:
+        """Narrow the frustum mjv_updateScene set from the camera's fovy to the crop's window (square images: the
+        horizontal extent follows from the aspect ratio, so frustum_width stays 0)."""
+        u, v = (-crop.center[0], -crop.center[1]) if rotated else crop.center  # the raw render is the image rotated
+        for glcam in self.renderer.scene.camera:
+            half = (glcam.frustum_top - glcam.frustum_bottom) / 2
+            mid = (glcam.frustum_top + glcam.frustum_bottom) / 2 + v * half
+            glcam.frustum_center = glcam.frustum_center + u * half
+            glcam.frustum_bottom = mid - half / crop.zoom
+            glcam.frustum_top = mid + half / crop.zoom
 
     def render(self, data: mujoco.MjData) -> dict[str, np.ndarray]:
         out = {}
         for cam in self.cameras:
-            self.renderer.update_scene(data, camera=cam)
+            self.renderer.update_scene(data, camera=self.base[cam])
+            if cam in self.crops:
+                self._crop(self.crops[cam], self.rotate[cam])
             img = self.renderer.render()
             out[cam] = np.ascontiguousarray(img[::-1, ::-1]) if self.rotate[cam] else img
         return out
