@@ -201,12 +201,11 @@ METAWORLD_VIEWS: dict[str, CameraCrop] = {
 }
 """Derived views by name (``CameraRig`` renders them); a model directory names the views it was trained on."""
 
-METAWORLD_CAMERAS = ("corner4", "gripperPOV")
-"""Default views: "corner4" is the widely used close-up third-person view (the old "corner2" moved to
-(0.75, 0.075, 0.7)), whose workspace fills a 96 px frame where "corner2" leaves objects a few pixels wide;
-"gripperPOV" is the wrist camera looking down between the fingers. ``METAWORLD_VIEWS`` adds zoomed crops
-(``--cameras corner4_zoom,gripperPOV``); they are not the default yet: encode orders and selects an episode's cameras
-by these names (pipelines/data/encode.py), so a derived view has to take its base camera's place there first."""
+METAWORLD_CAMERAS = ("corner4_zoom", "gripperPOV")
+"""Default views: "corner4_zoom" is the workspace part of "corner4", the widely used close-up third-person view (the
+old "corner2" moved to (0.75, 0.075, 0.7)), drawn 1.5x larger (``METAWORLD_VIEWS``); "gripperPOV" is the wrist camera
+looking down between the fingers. Datasets and models of other views keep working: encode reads every view of an
+episode and a model directory names the views it was trained on."""
 
 
 class MetaWorldAdapter(EmbodimentAdapter):

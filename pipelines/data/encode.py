@@ -121,12 +121,14 @@ def episode_frames(ref: EpisodeRef, episodes_dir: Path, datasets: dict):
     """(episode, adapter, camera keys, frames (1, T, V, H, W, 3) uint8 cut to 1 + 4k) of one episode.
 
     The frame reader of every consumer of the latents' frames (encode, train-vae, bench/latent_probe.py), so they all
-    see the same camera order and cut; ``datasets`` caches the opened datasets by name across calls."""
+    see the same camera order and cut: the adapter's ``camera_keys`` present, then any other views by name (none is
+    dropped); ``datasets`` caches the opened datasets by name across calls."""
     ds = datasets.get(ref.dataset) or datasets.setdefault(ref.dataset, LeRobotDataset(episodes_dir / ref.dataset))
     ep = ds.episode(ref.episode_index)
     adapter = get_adapter(ep.embodiment)
     T = usable_frames(ep.length)
-    cams = [k for k in adapter.spec.camera_keys if k in ep.frames] or sorted(ep.frames)
+    known = [k for k in adapter.spec.camera_keys if k in ep.frames]
+    cams = known + sorted(set(ep.frames) - set(known))  # every view (e.g. a derived corner4_zoom), the adapter's first
     return ep, adapter, cams, np.stack([ep.frames[k][:T] for k in cams], axis=1)[None]
 
 

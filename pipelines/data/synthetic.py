@@ -61,6 +61,7 @@ def write_synthetic_lerobot(root, tasks=("task-a", "task-b"), episodes: int = 4,
 
     import numpy as np
 
+    from pipelines.data.embodiments import METAWORLD_CAMERAS
     from pipelines.data.episode import Episode
     from pipelines.data.lerobot import write_lerobot_dataset
 
@@ -71,7 +72,7 @@ def write_synthetic_lerobot(root, tasks=("task-a", "task-b"), episodes: int = 4,
             n = length + 4 * i
             state = np.concatenate([rng.uniform(-0.2, 0.2, (n, 3)), rng.uniform(0, 1, (n, 1))], 1).astype(np.float32)
             frames = {c: rng.integers(0, 255, (n, image_size, image_size, 3), dtype=np.uint8)
-                      for c in ("corner4", "gripperPOV")}
+                      for c in METAWORLD_CAMERAS}
             eps.append(Episode(frames=frames, actions=rng.uniform(-1, 1, (n, 4)).astype(np.float32), state=state,
                                success=np.arange(n) > n - 3, task=task, instruction=f"do {task}",
                                embodiment="metaworld-sawyer", fps=80, seed=seed))

@@ -60,7 +60,7 @@ def test_frames_change_with_the_motion(reach_episodes):
 
 def test_corner_camera_is_rotated_upright(reach_episodes):
     # the fixed corner views are mounted upside down in the Sawyer XML; the wrist view looks straight down
-    assert reach_episodes[0][0].extra["rotated_180"] == ["corner4"]
+    assert reach_episodes[0][0].extra["rotated_180"] == ["corner4_zoom"]  # a crop of corner4
 
 
 def test_deterministic_for_a_seed(reach_episodes):

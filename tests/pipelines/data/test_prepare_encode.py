@@ -220,3 +220,14 @@ def test_encoders_whose_width_the_preset_cannot_read_are_refused_before_any_work
     with contextlib.suppress(Exception):
         main(argv)
     assert message not in capsys.readouterr().err
+
+
+def test_every_camera_of_an_episode_is_read_known_names_first(tmp_path):
+    from pipelines.data.encode import EpisodeRef, episode_frames
+
+    rng = np.random.default_rng(1)
+    ep = fake_episode(rng, "task-z", 21)
+    ep.frames = {"gripperPOV": ep.frames["gripperPOV"], "corner2": ep.frames["corner4"]}  # not an adapter default
+    write_lerobot_dataset(tmp_path / "sim-task-z", [ep], robot_type="sawyer", fps=80)
+    _, _, cams, frames = episode_frames(EpisodeRef(0, "sim-task-z", 0, "train"), tmp_path, {})
+    assert cams == ["gripperPOV", "corner2"] and frames.shape[2] == 2

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from model import LingBotVA, get_preset
 from model.encoders import VideoVAE
 from model.normalization import ActionNormalizer
-from pipelines.data.embodiments import get_adapter
+from pipelines.data.embodiments import METAWORLD_CAMERAS, get_adapter
 
 TASK = "reach-v3"
 
@@ -39,7 +39,7 @@ def write_model_dir(path: Path, *, nan: bool = False, seed: int = 0) -> Path:
                   str(tmp / "text_embeddings.safetensors"))
 
     space = {"embodiments": ["metaworld-sawyer"], "tasks": [TASK], "tau": config.tau,
-             "observation": {"cameras": ["corner4", "gripperPOV"], "latent_hw": [2, 4]}}
+             "observation": {"cameras": list(METAWORLD_CAMERAS), "latent_hw": [2, 4]}}
     return model.save_pretrained(path, normalization={"action": norm.to_dict()}, action_space=space,
                                  write_files=files)
 

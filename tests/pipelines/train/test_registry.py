@@ -25,6 +25,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from model import LingBotVA, get_preset
 from model.normalization import ActionNormalizer
+from pipelines.data.embodiments import METAWORLD_CAMERAS
 from pipelines.data.features import snapshot
 from pipelines.train.registry import (
     default_tracking_uri,
@@ -121,7 +122,7 @@ def test_the_logged_model_explains_itself(reg):
     example = reg.model.input_example
     assert example["images"].shape == (1, 2, 32, 32, 3) and example["images"].dtype == np.uint8
     assert list(example["instruction"]) == ["reach-v3"]
-    assert meta.metadata["embodiment"] == "metaworld-sawyer" and meta.metadata["cameras"] == ["corner4", "gripperPOV"]
+    assert meta.metadata["embodiment"] == "metaworld-sawyer" and meta.metadata["cameras"] == list(METAWORLD_CAMERAS)
     v1 = mlflow.models.get_model_info(f"models:/{NAME}/1")
     assert v1.metadata["data_version"] == "abc"
     for text in (client.get_registered_model(NAME).description, client.get_model_version(NAME, "2").description):
