@@ -92,7 +92,7 @@ def main() -> None:
             for variant in range(args.variants):
                 env, pts, goal = expert_points(task, seed, variant)
                 uv, _ = project(env.model, env.data, base, pts)
-                guv, gdepth = project(env.model, env.data, base, goal[None])
+                _, gdepth = project(env.model, env.data, base, goal[None])
                 cam = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, base)
                 px_per_cm = 0.01 / gdepth[0] / np.tan(np.radians(env.model.cam_fovy[cam]) / 2) * args.size / 2
                 for v, crop in views.items():

@@ -64,7 +64,8 @@ def main() -> None:
             per_task[task] = {k: t[k] for k in ("success_rate", "progress", "plan_ms_p50")}
             print(name, task, per_task[task], flush=True)
         rates = [v["success_rate"] for v in per_task.values()]
-        result["variants"][name] = {"sampler": sampler, "model": subdir, "avg_success": sum(rates) / len(rates), "per_task": per_task}
+        result["variants"][name] = {"sampler": sampler, "model": subdir, "avg_success": sum(rates) / len(rates),
+                                    "per_task": per_task}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

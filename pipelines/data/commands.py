@@ -95,8 +95,8 @@ def collect(args: argparse.Namespace) -> int:
     kept = {t: r[0] for t, r in results.items()}
     discarded = {t: r[1] for t, r in results.items()}
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    summary = {"tasks": tasks, "cameras": list(cameras), "kept": kept, "discarded": discarded, "wall_seconds": round(time.time() - start, 1),
-               "bytes_on_disk": size}
+    summary = {"tasks": tasks, "cameras": list(cameras), "kept": kept, "discarded": discarded,
+               "wall_seconds": round(time.time() - start, 1), "bytes_on_disk": size}
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps(summary, indent=1))
     short = [t for t, n in kept.items() if n < args.episodes]

@@ -59,9 +59,9 @@ def test_registered_views_render_and_unknown_views_are_named(env):
         assert all(img.shape == (16, 16, 3) and img.std() > 5 for img in rig.render(env.data).values())
     finally:
         rig.close()
-    with pytest.raises(ValueError, match="unknown camera.*'corner9'.*derived views.*corner4_zoom"):
+    with pytest.raises(ValueError, match=r"unknown camera.*'corner9'.*derived views.*corner4_zoom"):
         CameraRig(env.model, env.data, ["corner9"], 16)
-    with pytest.raises(ValueError, match="unknown camera.*'nowhere_zoom'"):
+    with pytest.raises(ValueError, match=r"unknown camera.*'nowhere_zoom'"):
         CameraRig(env.model, env.data, ["nowhere_zoom"], 16, views={"nowhere_zoom": CameraCrop("nowhere", 2.0)})
 
 
