@@ -2,8 +2,8 @@
 vs 1.0, or the saved weight average (``<run>/model``) vs the last trained weights (``<run>/snapshots/raw``).
 
 Each variant rolls out the same post-trained runs on the same episodes (same env seeds, same sampler seeds) with only
-the named ``Session`` settings, or the model directory inside the run (``model=<subdir>``, default ``model``),
-changed, so the difference is the setting's.
+the named ``Session`` settings, the model directory inside the run (``model=<subdir>``, default ``model``), or
+the latent frames planned per chunk (``chunk_size=K``: K x tau control steps run before the next plan) changed, so the difference is the setting's.
 
 Usage: .venv/bin/python bench/sampler_ab.py --tasks reach-v3,drawer-close-v3 --episodes 20 \
            --variant cfg5:video_cfg=5.0 --variant cfg1:video_cfg=1.0
@@ -32,7 +32,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if key == "model":
             out[key] = value
         else:
-            out[key] = int(value) if key in ("video_steps", "action_steps", "window_chunks") else float(value)
+            out[key] = int(value) if key in ("video_steps", "action_steps", "window_chunks", "chunk_size") \
+                else float(value)
     return name, out
 
 
@@ -56,15 +57,16 @@ def main() -> None:
         per_task = {}
         sampler = dict(sampler)
         subdir = sampler.pop("model", "model")
+        chunk_size = sampler.pop("chunk_size", None)
         for task in args.tasks.split(","):
             model_dir = args.runs / f"posttrain-{task}" / subdir
-            report = evaluate(partial(ChunkPolicy, str(model_dir), sampler=sampler), [task], episodes=args.episodes,
+            report = evaluate(partial(ChunkPolicy, str(model_dir), chunk_size=chunk_size, sampler=sampler), [task], episodes=args.episodes,
                               workers=args.workers, max_steps=args.max_steps, videos_per_task=0)
             t = report["tasks"][task]
             per_task[task] = {k: t[k] for k in ("success_rate", "progress", "plan_ms_p50")}
             print(name, task, per_task[task], flush=True)
         rates = [v["success_rate"] for v in per_task.values()]
-        result["variants"][name] = {"sampler": sampler, "model": subdir, "avg_success": sum(rates) / len(rates),
+        result["variants"][name] = {"sampler": sampler, "model": subdir, "chunk_size": chunk_size, "avg_success": sum(rates) / len(rates),
                                     "per_task": per_task}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
