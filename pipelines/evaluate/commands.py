@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval-seed", type=int, default=1, help="benchmark seed of the goal positions (demos use 0)")
     ev.add_argument("--control-rate-hz", type=float, default=None, help="pace the env in real time (wall-time runs)")
     ev.add_argument("--videos", type=int, default=1, help="rollout videos per task (real next to imagined)")
+    ev.add_argument("--failure-videos", type=int, default=2,
+                    help="also film the first N failed episodes per task after those (logged with the gate run)")
     ev.add_argument("--out", type=Path, default=None,
                     help="write the report JSON here (dvc metrics), and beside it <name>.csv (success per task) and "
                          "<name>-latency.csv (planning latency per task) for dvc plots")
@@ -72,7 +74,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     bar = tqdm(total=episodes * len(args.task), desc=f"evaluate[{args.mode}]", unit="ep", disable=None)
     report = evaluate(model_dir, args.task, episodes=episodes, mode=args.mode, eval_seed=args.eval_seed,
                       workers=args.workers, max_steps=args.max_steps, control_rate_hz=args.control_rate_hz,
-                      videos_per_task=args.videos, video_dir=video_dir, progress=lambda _r: bar.update(1))
+                      videos_per_task=args.videos, failure_videos_per_task=args.failure_videos, video_dir=video_dir,
+                      progress=lambda _r: bar.update(1))
     bar.close()
     report.update(model_uri=str(args.model), registered_name=name, model_version=version)
     print(table(report))

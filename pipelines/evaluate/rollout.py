@@ -59,8 +59,12 @@ def make_env(task: str, variant: int, eval_seed: int):
 
 
 def run_episode(policy, task: str, index: int, *, mode: str = "sync", eval_seed: int = 1, max_steps: int | None = None,
-                control_rate_hz: float | None = None, video_path: Path | None = None) -> EpisodeResult:
-    """One closed-loop episode of ``policy`` (a ``ChunkPolicy``) on variant ``index`` of ``task``."""
+                control_rate_hz: float | None = None, video_path: Path | None = None,
+                video_only_failure: bool = False) -> EpisodeResult:
+    """One closed-loop episode of ``policy`` (a ``ChunkPolicy``) on variant ``index`` of ``task``.
+
+    ``video_path``: write the real frames next to the imagined ones there (with ``video_only_failure``: only if the
+    episode fails)."""
     from pipelines.data.metaworld_collect import CameraRig
 
     if mode not in MODES:
@@ -131,7 +135,7 @@ def run_episode(policy, task: str, index: int, *, mode: str = "sync", eval_seed:
             pool.shutdown(wait=True, cancel_futures=True)
         rig.close()
         env.close()
-    if video_path and real_video and result.error is None:
+    if video_path and real_video and result.error is None and not (video_only_failure and result.success):
         try:
             result.video = str(_write_video(video_path, real_video, imagined_video, ep, len(policy.cameras)))
         except Exception as exc:  # a video is a nice-to-have; never fail the episode for it
@@ -204,9 +208,12 @@ def _job(args: tuple) -> dict:
 
 def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: int = 50, mode: str = "sync", eval_seed: int = 1,
              workers: int = 2, max_steps: int | None = None, control_rate_hz: float | None = None,
-             videos_per_task: int = 1, video_dir: Path | None = None, device: str = "cpu",
-             progress: Callable[[dict], None] | None = None) -> dict:
+              videos_per_task: int = 1, failure_videos_per_task: int = 0, video_dir: Path | None = None,
+             device: str = "cpu", progress: Callable[[dict], None] | None = None) -> dict:
     """Roll out ``episodes`` episodes per task in ``workers`` processes; returns the report the gate reads.
+
+    With ``video_dir``, the first ``videos_per_task`` episodes of a task are filmed, and so are the first
+    ``failure_videos_per_task`` failed episodes after them (what a reviewer needs to see why the policy fails).
 
     ``model_dir`` is a model directory, or a picklable factory of another policy with ``ChunkPolicy``'s rollout
     interface (e.g. ``functools.partial(ReplayPolicy, episodes_dir)``, the blind-replay baseline).
@@ -226,8 +233,9 @@ def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: in
     for task in tasks:
         for i in range(episodes):
             kw = {"mode": mode, "eval_seed": eval_seed, "max_steps": max_steps, "control_rate_hz": control_rate_hz}
-            if video_dir is not None and i < videos_per_task:
+            if video_dir is not None and (i < videos_per_task or failure_videos_per_task > 0):
                 kw["video_path"] = str(Path(video_dir) / f"{task}-{i:02d}-{mode}.mp4")
+                kw["video_only_failure"] = i >= videos_per_task
             jobs.append((task, i, kw))
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     source = model_dir if callable(model_dir) else str(model_dir)  # what each worker builds its policy from
@@ -246,7 +254,22 @@ def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: in
                 results.append(r)
                 if progress:
                     progress(r)
+    _keep_first_failure_videos(results, videos_per_task, failure_videos_per_task)
     return summarize(results, mode=mode, eval_seed=eval_seed, wall_s=time.perf_counter() - t0)
+
+
+def _keep_first_failure_videos(results: list[dict], videos_per_task: int, failures: int) -> None:
+    """Workers film every failed episode (which ones fail is known only at the end); keep the first ``failures``
+    of each task after its first ``videos_per_task`` episodes, by episode index, and delete the rest."""
+    kept: dict[str, int] = {}
+    for r in sorted(results, key=lambda r: (r["task"], r["index"])):
+        if r["index"] < videos_per_task or not r["video"]:
+            continue
+        if kept.get(r["task"], 0) < failures:
+            kept[r["task"]] = kept.get(r["task"], 0) + 1
+        else:
+            Path(r["video"]).unlink(missing_ok=True)
+            r["video"] = None
 
 
 def summarize(results: list[dict], *, mode: str, eval_seed: int, wall_s: float | None = None) -> dict:

@@ -61,6 +61,17 @@ def test_evaluate_reports_per_task_numbers_and_writes_a_video(model_dir, tmp_pat
     assert TASK in table(report)
 
 
+def test_the_first_failed_episodes_are_filmed_too_and_later_ones_are_not_kept(model_dir, tmp_path):
+    """An untrained model fails every 16-step episode: episode 0 is filmed, then the first 2 failures (1 and 2);
+    episode 3's video is written by its worker and deleted, so the gate logs exactly three."""
+    report = evaluate(model_dir, [TASK], episodes=4, workers=1, max_steps=16, video_dir=tmp_path / "v",
+                      videos_per_task=1, failure_videos_per_task=2)
+    t = report["tasks"][TASK]
+    assert t["success_rate"] == 0.0
+    assert sorted(Path(v).name for v in t["videos"]) == [f"{TASK}-{i:02d}-sync.mp4" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == [f"{TASK}-{i:02d}-sync.mp4" for i in range(3)]
+
+
 def test_unknown_task_and_bad_directory_fail_fast(model_dir, tmp_path):
     with pytest.raises(ValueError, match="no instruction for tasks"):
         evaluate(model_dir, ["push-v3"], episodes=1, workers=1)
