@@ -94,6 +94,9 @@ class LingBotConfig:
     action_steps: int = 10
     """Euler steps of the action chunk (integrated to s = 1)."""
     action_cfg: float = 1.0
+    action_temperature: float = 1.0
+    """Scale of the action chunk's initial noise: 1 samples the learnt distribution; 0 integrates the flow from the
+    prior's centre, a deterministic chunk near the distribution's mode (less jitter, no diversity)."""
     """Classifier-free guidance scale for actions."""
     full_video_steps: int = 10
     """Step count of a full video denoise to s = 1 (the non-partial baseline the benchmark compares against)."""
@@ -122,6 +125,8 @@ class LingBotConfig:
             raise ValueError(f"video_s_end must be in (0, 1], got {self.video_s_end}")
         if self.video_steps < 1 or self.action_steps < 1:
             raise ValueError("video_steps and action_steps must be >= 1")
+        if not 0.0 <= self.action_temperature <= 1.0:
+            raise ValueError(f"action_temperature must be in [0, 1], got {self.action_temperature}")
         if not 0.0 <= self.noisy_history_min <= 1.0:
             raise ValueError(f"noisy_history_min must be in [0, 1], got {self.noisy_history_min}")
         if self.attn_window_chunks is not None and self.attn_window_chunks < 1:

@@ -71,6 +71,7 @@ class Session:
         video_cfg: float | None = None,
         action_steps: int | None = None,
         action_cfg: float | None = None,
+        action_temperature: float | None = None,
         window_chunks: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
@@ -83,6 +84,7 @@ class Session:
         self.video_cfg = c.video_cfg if video_cfg is None else video_cfg
         self.action_steps = action_steps or c.action_steps
         self.action_cfg = c.action_cfg if action_cfg is None else action_cfg
+        self.action_temperature = c.action_temperature if action_temperature is None else action_temperature
         self.window = window_chunks if window_chunks is not None else c.attn_window_chunks
         self.use_cache = use_cache
         self.generator = generator
@@ -90,6 +92,8 @@ class Session:
             raise ValueError("chunk_size, video_steps and action_steps must be >= 1")
         if not 0.0 < self.video_s_end <= 1.0:
             raise ValueError(f"video_s_end must be in (0, 1], got {self.video_s_end}")
+        if not 0.0 <= self.action_temperature <= 1.0:
+            raise ValueError(f"action_temperature must be in [0, 1], got {self.action_temperature}")
         if text.ndim == 3 and text.shape[0] == 1:
             text = text[0]
         if text.ndim != 2 or text.shape[1] != c.text_dim or not text.is_floating_point():
@@ -164,6 +168,10 @@ class Session:
 
     def _noise(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator, device="cpu").to(self.device)
+
+    def _action_noise(self, steps: int) -> torch.Tensor:
+        """The action chunk's initial noise (steps, A), scaled by the temperature (drawn even at 0: same stream)."""
+        return self._noise(steps, self.config.action_channels) * self.action_temperature
 
     def _denoise_video(self, K: int, kind: int, extra: list[_Entry], extra_kv: KVCache | None):
         """Euler-integrate the video chunk from s = 0 to s_end; returns (x at s_end, clean estimate)."""
@@ -250,7 +258,7 @@ class Session:
                       self.num_chunks)
         ext = self._extend(temp, rows_a)
         N = K * c.tau
-        a = self._noise(N, c.action_channels)
+        a = self._action_noise(N)
         grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
         for s0, s1 in itertools.pairwise(grid):
             tok = self._action(a, s0, 2 * self.num_chunks + 1, NOISY, self.next_frame - 1, rows_a)
@@ -262,7 +270,7 @@ class Session:
         """The reactive baseline: the action chunk from the observed history alone; the video is empty (0 frames)."""
         c = self.config
         rows_a = 2 if self.action_cfg != 1.0 else 1
-        a = self._noise(K * c.tau, c.action_channels)
+        a = self._action_noise(K * c.tau)
         grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
         for s0, s1 in itertools.pairwise(grid):
             tok = self._action(a, s0, 2 * self.num_chunks + 1, FDM_ACT, self.next_frame - 1, rows_a)
@@ -366,7 +374,7 @@ def predict_chunks(sessions: list[Session], chunk_size: int | None = None) -> li
         return _predict_actions_reactive_many(sessions, K)
     H, W = first.size
     # all noise up front, session by session (video, then actions): the order holds even if a generator is shared
-    noise = [(s._noise(K, c.latent_channels, H, W), s._noise(K * c.tau, c.action_channels)) for s in sessions]
+    noise = [(s._noise(K, c.latent_channels, H, W), s._action_noise(K * c.tau)) for s in sessions]
     rows_v, rows_a = (2 if scale != 1.0 else 1 for scale in (first.video_cfg, first.action_cfg))
     batch = _Batch(sessions, rows_v)
     xs, estimates = _denoise_video_many(sessions, batch, [z for z, _ in noise], K, NOISY, None)
@@ -534,7 +542,7 @@ def _predict_actions_reactive_many(sessions: list[Session], K: int) -> list[tupl
     """``Session._predict_actions_reactive`` for every session (actions from the history alone, no video)."""
     first = sessions[0]
     c = first.config
-    actions = [s._noise(K * c.tau, c.action_channels) for s in sessions]
+    actions = [s._action_noise(K * c.tau) for s in sessions]
     rows = 2 if first.action_cfg != 1.0 else 1
     batch = _Batch(sessions, rows)
     grid = torch.linspace(0.0, 1.0, first.action_steps + 1).tolist()

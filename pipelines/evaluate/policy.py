@@ -52,9 +52,11 @@ class ChunkPolicy:
     def __init__(self, model_dir: str | Path, device: str = "cpu", chunk_size: int | None = None,
                  sampler: dict | None = None):
         """``sampler``: ``Session`` overrides of the model config's inference settings (``video_cfg``,
-        ``video_steps``, ``video_s_end``, ``action_steps``, ``action_cfg``, ``window_chunks``), for A/B runs."""
+        ``video_steps``, ``video_s_end``, ``action_steps``, ``action_cfg``, ``action_temperature``, ``window_chunks``), for
+        A/B runs."""
         model_dir = Path(model_dir)
-        allowed = {"video_cfg", "video_steps", "video_s_end", "action_steps", "action_cfg", "window_chunks"}
+        allowed = {"video_cfg", "video_steps", "video_s_end", "action_steps", "action_cfg", "action_temperature",
+                   "window_chunks"}
         if sampler and set(sampler) - allowed:
             raise ValueError(f"unknown sampler settings {sorted(set(sampler) - allowed)}; choose from {sorted(allowed)}")
         self.sampler = dict(sampler or {})

@@ -76,6 +76,7 @@ SETTINGS = [
     pytest.param({}, {"action_cfg": 2.0}, id="video-and-action-cfg"),
     pytest.param({}, {"video_cfg": 1.0}, id="no-cfg"),
     pytest.param({}, {"window_chunks": 3}, id="window-3"),
+    pytest.param({}, {"action_temperature": 0.5}, id="action-temperature"),
     pytest.param({"objective": "reactive"}, {}, id="reactive"),
 ]
 

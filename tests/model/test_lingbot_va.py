@@ -178,6 +178,24 @@ def test_provisional_entries_are_replaced_by_observations():
     assert s.num_chunks == 2 and s.next_frame == 5
 
 
+def test_action_temperature_zero_gives_the_same_chunk_whatever_the_seed():
+    """At temperature 0 the action flow starts at the prior's centre, so the chunk no longer depends on the sampler's
+    seed (the reactive objective: no video denoise, whose noise would also change the conditioning)."""
+    model = tiny_model(objective="reactive")
+    data = tiny_batch(n=1)
+
+    def chunk(temperature, seed):
+        s = model.session(data["text"][0], data["action_mask"][0], action_temperature=temperature,
+                          generator=torch.Generator().manual_seed(seed))
+        s.observe(data["video"][0, :1])
+        return s.predict_chunk()[1]
+
+    assert torch.allclose(chunk(0.0, 1), chunk(0.0, 2))
+    assert not torch.allclose(chunk(1.0, 1), chunk(1.0, 2), atol=1e-3)
+    with pytest.raises(ValueError, match="action_temperature must be in"):
+        model.session(data["text"][0], data["action_mask"][0], action_temperature=1.5)
+
+
 # --------------------------------------------------------------------------------------------- init
 def _branch_variances(model, xv, xa, proj_v, proj_a):
     """Variance of each stream's self-attention and FFN branch outputs (before the time-dependent gates)."""
