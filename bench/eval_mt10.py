@@ -4,7 +4,8 @@ Reads the post-trained model directories of `make train` (data/runs/posttrain-<t
 `bench/train_variants.sh` (posttrain-<task>-reactive: the reactive baseline; posttrain-<task>[-reactive]-demos10: both
 on 10 demos per task) and rolls each out in Meta-World with `pipelines.evaluate.rollout.evaluate` on held-out goal
 positions. Async vs sync runs the world model paced at the Sawyer's 80 Hz control rate, so the episode wall times are
-what a robot would see.
+what a robot would see; it uses posttrain-<task>-fdm (trained with L_fdm, which Alg. 2's imagination step needs; the
+make-train stages skip it) when that exists, else the make-train model (its FDM pass then untrained: noted).
 The blind-replay baseline (pipelines/evaluate/replay.py) executes demo 0's end-effector targets open loop on the same
 held-out episodes: a policy must beat it to claim it uses its camera.
 Writes bench/results/eval_mt10.json (partial results are kept: a missing model is recorded as such).
@@ -120,11 +121,14 @@ def main() -> None:
         result["blind_replay"] = {**summary(per_task), "demo": 0, "episodes_dir": str(args.episodes_dir)}
     sync_async = {}
     for task in [t for t in args.async_tasks.split(",") if t]:
-        model_dir = args.runs / f"posttrain-{task}" / "model"
+        fdm_dir = args.runs / f"posttrain-{task}-fdm" / "model"
+        model_dir = fdm_dir if (fdm_dir / "config.json").is_file() else args.runs / f"posttrain-{task}" / "model"
         if not (model_dir / "config.json").is_file():
             continue
         kw = {**common, "episodes": args.async_episodes, "control_rate_hz": 80.0}
         sync_async[task] = {mode: run(model_dir, task, mode=mode, **kw) for mode in ("sync", "async")}
+        sync_async[task]["model"] = str(model_dir)
+        sync_async[task]["fdm_trained"] = model_dir == fdm_dir
         s, a = sync_async[task]["sync"], sync_async[task]["async"]
         sync_async[task]["wall_time_speedup"] = s["episode_wall_s"] / a["episode_wall_s"]
         print("async vs sync", task, json.dumps({m: sync_async[task][m]["success_rate"] for m in ("sync", "async")}),

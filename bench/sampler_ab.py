@@ -3,7 +3,8 @@ vs 1.0, or the saved weight average (``<run>/model``) vs the last trained weight
 
 Each variant rolls out the same post-trained runs on the same episodes (same env seeds, same sampler seeds) with only
 the named ``Session`` settings, the model directory inside the run (``model=<subdir>``, default ``model``), or
-the latent frames planned per chunk (``chunk_size=K``: K x tau control steps run before the next plan) changed, so the difference is the setting's.
+the latent frames planned per chunk (``chunk_size=K``: K x tau control steps run before the next plan) changed, so
+the difference is the setting's.
 
 Usage: .venv/bin/python bench/sampler_ab.py --tasks reach-v3,drawer-close-v3 --episodes 20 \
            --variant cfg5:video_cfg=5.0 --variant cfg1:video_cfg=1.0
@@ -60,14 +61,15 @@ def main() -> None:
         chunk_size = sampler.pop("chunk_size", None)
         for task in args.tasks.split(","):
             model_dir = args.runs / f"posttrain-{task}" / subdir
-            report = evaluate(partial(ChunkPolicy, str(model_dir), chunk_size=chunk_size, sampler=sampler), [task], episodes=args.episodes,
-                              workers=args.workers, max_steps=args.max_steps, videos_per_task=0)
+            policy = partial(ChunkPolicy, str(model_dir), chunk_size=chunk_size, sampler=sampler)
+            report = evaluate(policy, [task], episodes=args.episodes, workers=args.workers, max_steps=args.max_steps,
+                              videos_per_task=0)
             t = report["tasks"][task]
             per_task[task] = {k: t[k] for k in ("success_rate", "progress", "plan_ms_p50")}
             print(name, task, per_task[task], flush=True)
         rates = [v["success_rate"] for v in per_task.values()]
-        result["variants"][name] = {"sampler": sampler, "model": subdir, "chunk_size": chunk_size, "avg_success": sum(rates) / len(rates),
-                                    "per_task": per_task}
+        result["variants"][name] = {"sampler": sampler, "model": subdir, "chunk_size": chunk_size,
+                                    "avg_success": sum(rates) / len(rates), "per_task": per_task}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -3,6 +3,7 @@
 #   posttrain-<task>-reactive          the reactive baseline (same network, demos, steps; no video prediction)
 #   posttrain-<task>-demos10           the world model on the first 10 demos of the task
 #   posttrain-<task>-reactive-demos10  the baseline on the same 10 demos
+#   posttrain-<task>-fdm               the world model with L_fdm (weight 1): what async (Alg. 2) needs, for async vs sync
 # Same init (data/runs/pretrain/model) and schedule (steps, lr, warmup, L_fdm weight, packing, ZeRO stage, EMA) as the
 # posttrain@<task> DVC stages (params.yaml).
 # Usage: bench/train_variants.sh [variant ...] -- [task ...]   (default: all variants, all MT10 tasks)
@@ -16,7 +17,7 @@ variants=() tasks=()
 while [[ $# -gt 0 && $1 != -- ]]; do variants+=("$1"); shift; done
 [[ $# -gt 0 ]] && shift
 tasks=("$@")
-[[ ${#variants[@]} -eq 0 ]] && variants=(reactive demos10 reactive-demos10)
+[[ ${#variants[@]} -eq 0 ]] && variants=(reactive demos10 reactive-demos10 fdm)
 [[ ${#tasks[@]} -eq 0 ]] && mapfile -t tasks < <(python -c "import yaml; print(*yaml.safe_load(open('params.yaml'))['posttrain']['tasks'], sep='\n')")
 for task in "${tasks[@]}"; do
   for variant in "${variants[@]}"; do
@@ -24,7 +25,8 @@ for task in "${tasks[@]}"; do
       reactive) flags=(--objective reactive) ;;
       demos10) flags=(--demos 10) ;;
       reactive-demos10) flags=(--objective reactive --demos 10) ;;
-      *) echo "unknown variant $variant (reactive | demos10 | reactive-demos10)" >&2; exit 2 ;;
+      fdm) flags=(--fdm-loss-weight 1.0) ;;
+      *) echo "unknown variant $variant (reactive | demos10 | reactive-demos10 | fdm)" >&2; exit 2 ;;
     esac
     out=data/runs/posttrain-$task-$variant
     if [[ -f $out/model/config.json ]]; then echo "skip $out (exists)"; continue; fi
