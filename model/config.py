@@ -94,10 +94,10 @@ class LingBotConfig:
     action_steps: int = 10
     """Euler steps of the action chunk (integrated to s = 1)."""
     action_cfg: float = 1.0
+    """Classifier-free guidance scale for actions."""
     action_temperature: float = 1.0
     """Scale of the action chunk's initial noise: 1 samples the learnt distribution; 0 integrates the flow from the
     prior's centre, a deterministic chunk near the distribution's mode (less jitter, no diversity)."""
-    """Classifier-free guidance scale for actions."""
     full_video_steps: int = 10
     """Step count of a full video denoise to s = 1 (the non-partial baseline the benchmark compares against)."""
 

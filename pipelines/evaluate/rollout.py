@@ -208,7 +208,7 @@ def _job(args: tuple) -> dict:
 
 def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: int = 50, mode: str = "sync", eval_seed: int = 1,
              workers: int = 2, max_steps: int | None = None, control_rate_hz: float | None = None,
-              videos_per_task: int = 1, failure_videos_per_task: int = 0, video_dir: Path | None = None,
+             videos_per_task: int = 1, failure_videos_per_task: int = 0, video_dir: Path | None = None,
              device: str = "cpu", progress: Callable[[dict], None] | None = None) -> dict:
     """Roll out ``episodes`` episodes per task in ``workers`` processes; returns the report the gate reads.
 
