@@ -136,7 +136,8 @@ def report(summary: dict) -> str:
         f"LingBot-VA demo finished in {summary['wall_s']:.0f} s; dvc repro ran {len(dvc['ran'])} stage(s), "
         f"{len(dvc['unchanged'])} unchanged, {len(dvc['restored'])} restored from the run cache",
         table(summary["rows"]),
-        f"gate: demo threshold min_success {gate['min_success']:.2f} (production {production:.2f}), "
+        f"gate: min_success {gate['min_success']:.2f} ("
+        + ("production" if gate["min_success"] == production else f"production: {production:.2f}") + "), "
         f"{ev['episodes']} held-out episode(s) per task, <= {ev['max_steps']} steps, {ev['mode']} mode",
         f"fleet: {fleet['robots']} robot(s) x {fleet['episodes']} episode(s) per task, {fleet['mode']}, "
         f"<= {fleet['max_steps']} steps, against `lingbot serve` of models:/lingbot-va-<task>@champion on "

@@ -106,7 +106,7 @@ def test_first_run_builds_every_stage_and_prints_the_summary(runs):
     assert all(column in header for column in COLUMNS), header
     (row,) = [line for line in out.splitlines() if line.startswith(f"{TASK} ")]
     (summary_row,) = first["summary"]["rows"]
-    # 2 training steps never succeed; the demo threshold (min_success 0) promotes anyway, and says so
+    # 2 training steps never succeed; the quick configuration's threshold (min_success 0) promotes anyway, and says so
     assert summary_row["gate_decision"] == "promoted" and summary_row["served_version"] == "1"
     assert summary_row["gate_episodes"] == 1 and 0.0 <= summary_row["gate_success"] <= 1.0
     assert summary_row["fleet_episodes"] == 1 and summary_row["fleet_errors"] == 0
@@ -114,7 +114,7 @@ def test_first_run_builds_every_stage_and_prints_the_summary(runs):
     assert 0.0 <= summary_row["on_time_pct"] <= 100.0
     assert "promoted (serving champion v1)" in row
     assert f"{summary_row['latency_ms_p50']:.1f}" in row and f"{summary_row['on_time_pct']:.1f}" in row
-    assert "demo threshold min_success 0.00 (production 0.50)" in out
+    assert "gate: min_success 0.00 (production: 0.50)" in out
     assert "stop it with `make demo-stop`" in out
     assert "ignoring LINGBOT_SERVE_MAX_SESSIONS" in first["out"]
 
@@ -161,8 +161,9 @@ def test_workspace_dvc_yaml_points_code_deps_at_the_repository(tmp_path):
 
 def test_params_validation_and_defaults(tmp_path):
     full, quick = load_params(), load_params(quick=True)
-    assert full["pipeline"]["posttrain"]["tasks"] == ["reach-v3", "button-press-topdown-v3", "drawer-close-v3"]
-    assert full["pipeline"]["collect"]["episodes"] == 50 and full["pipeline"]["gate"]["min_success"] == 0.0
+    assert full["pipeline"]["posttrain"]["tasks"] == ["button-press-topdown-v3", "window-open-v3"]
+    assert full["pipeline"]["collect"]["episodes"] == 50 and "gate" not in full["pipeline"]  # production's gate
+    assert quick["pipeline"]["gate"]["min_success"] == 0.0
     assert quick["pipeline"]["pretrain"]["preset"] == "tiny" and quick["fleet"]["robots"] == 1
     assert default_workspace(True) != default_workspace(False)
     bad = tmp_path / "bad.yaml"
