@@ -140,6 +140,7 @@ def report(summary: dict) -> str:
         + ("production" if gate["min_success"] == production else f"production: {production:.2f}") + "), "
         f"{ev['episodes']} held-out episode(s) per task, <= {ev['max_steps']} steps, {ev['mode']} mode",
         f"fleet: {fleet['robots']} robot(s) x {fleet['episodes']} episode(s) per task, {fleet['mode']}, "
+        + (f"{fleet['control_rate_hz']:g} Hz, " if fleet.get("control_rate_hz") else "") +
         f"<= {fleet['max_steps']} steps, against `lingbot serve` of models:/lingbot-va-<task>@champion on "
         "127.0.0.1 (one task at a time)",
         *(f"fleet on {r['task']}: {r['fleet_errors']} error(s), see {summary['workspace']}/fleet/{r['task']}.json"
@@ -340,6 +341,8 @@ def serve_and_drive(workspace: Path, task: str, params: dict, env: dict[str, str
         cmd = [sys.executable, "-m", "pipelines.cli", "fleet", "--endpoint", server.grpc_endpoint, "--task", task,
                "--robots", str(fleet["robots"]), "--episodes", str(fleet["episodes"]), "--mode", fleet["mode"],
                "--max-steps", str(fleet["max_steps"]), "--image-size", str(image_size), "--json", str(out)]
+        if fleet.get("control_rate_hz"):
+            cmd += ["--control-rate-hz", str(fleet["control_rate_hz"])]
         with (logs / f"fleet-{task}.log").open("w") as log:
             proc = subprocess.run(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
         server_pid = server.pid

@@ -9,7 +9,7 @@ import pytest
 from model_dirs import TASK, write_model_dir
 
 from pipelines.cli import main
-from pipelines.train.registry import log_and_register
+from pipelines.train.registry import ensure_experiment, log_and_register
 
 
 @pytest.fixture
@@ -18,12 +18,15 @@ def registry(tmp_path, monkeypatch):
     monkeypatch.setenv("LINGBOT_GATE_TRACKING_URI", uri)
     monkeypatch.setenv("LINGBOT_GATE_DATA_DIR", str(tmp_path))
     mlflow.set_tracking_uri(uri)
-    return tmp_path
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    assert not (tmp_path / "mlruns").exists(), "an artifact went to the cwd's ./mlruns, not the data dir"
 
 
 def register(tmp_path, tag: str, **kw) -> str:
     model_dir = write_model_dir(tmp_path / tag, **kw)
-    with mlflow.start_run():
+    # an experiment of its own: the sqlite store's Default experiment keeps its artifacts in ./mlruns (the cwd)
+    with mlflow.start_run(experiment_id=ensure_experiment("lingbot-posttrain", tmp_path)):
         return str(log_and_register(model_dir, registered_name=f"lingbot-va-{TASK}"))
 
 
