@@ -153,6 +153,11 @@ class Batcher:
         return batch
 
     def _run_batch(self, batch: list[Job]) -> None:
+        # a caller that gave up (the client went away: its gRPC call cancels the future) is dropped here; every
+        # future that stays is RUNNING, so resolving it can no longer raise InvalidStateError mid-batch
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         started = time.perf_counter()
         for job in batch:
             job.started_at = started

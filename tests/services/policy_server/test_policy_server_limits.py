@@ -202,6 +202,31 @@ def test_batcher_fails_queued_jobs_on_stop():
         batcher.submit("c", 3)
 
 
+def test_batcher_drops_a_cancelled_request_and_answers_the_rest_of_its_batch(caplog):
+    """A client that went away cancels its future while it waits: its batch must still answer the others (it used
+    to fail the whole batch with InvalidStateError, logged as 'batch of N failed')."""
+    gate, seen = threading.Event(), []
+
+    def process(jobs):
+        gate.wait(10) if jobs[0].key == "hold" else None
+        seen.append([j.key for j in jobs])
+        for j in jobs:
+            j.future.set_result(j.key)
+
+    batcher = Batcher(process, max_batch_size=4, max_wait_s=0.3).start()
+    try:
+        hold = batcher.submit("hold", 0)
+        time.sleep(0.5)  # "hold"'s window has closed and the worker waits in it; the next two queue up together
+        gone, kept = batcher.submit("gone", 1), batcher.submit("kept", 2)
+        assert gone.cancel()
+        gate.set()
+        assert (hold.result(timeout=10), kept.result(timeout=10)) == ("hold", "kept")
+    finally:
+        batcher.stop()
+    assert ["kept"] in seen and not any("gone" in keys for keys in seen)
+    assert "failed" not in caplog.text
+
+
 def test_batcher_window_closes_once_every_active_session_is_in():
     """A lone robot's request does not wait out the batching window; with another session active it does (so the
     other's request can join)."""
