@@ -107,7 +107,7 @@ def collect(args: argparse.Namespace) -> int:
 
 
 def import_lerobot(args: argparse.Namespace) -> int:
-    from pipelines.data.lerobot import import_lerobot as do_import
+    from pipelines.data.lerobot.importer import import_lerobot as do_import
 
     name = args.name or args.lerobot.resolve().name
     summary = do_import(args.lerobot, args.out / name, embodiment=args.embodiment)

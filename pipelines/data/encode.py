@@ -27,7 +27,7 @@ from tqdm import tqdm
 from model.normalization import ActionNormalizer
 from pipelines.data.embodiments import get_adapter
 from pipelines.data.features import read_features
-from pipelines.data.lerobot import LeRobotDataset
+from pipelines.data.lerobot.reader import LeRobotDataset
 from pipelines.data.shards import TAU, ShardWriter, write_index
 
 VAE_DIR = "vae"  # the encoding VAE, standardisation included, is saved beside the shards under this name

@@ -373,7 +373,7 @@ def _worker(task: str, episodes: int, seed: int, image_size: int, cameras: tuple
         return eps, n_bad
     # written inside the worker so a whole suite never sits in memory (MT10 x 50 is ~4 GB of frames)
     if eps:
-        from pipelines.data.lerobot import write_lerobot_dataset
+        from pipelines.data.lerobot.writer import write_lerobot_dataset
 
         target = Path(out_dir) / dataset_name(task)
         if target.exists():

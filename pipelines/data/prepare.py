@@ -22,7 +22,7 @@ import numpy as np
 
 from model.normalization import ActionNormalizer
 from pipelines.data.embodiments import get_adapter
-from pipelines.data.lerobot import LeRobotDataset
+from pipelines.data.lerobot.reader import LeRobotDataset
 from pipelines.data.shards import TAU
 
 

@@ -63,7 +63,7 @@ def write_synthetic_lerobot(root, tasks=("task-a", "task-b"), episodes: int = 4,
 
     from pipelines.data.embodiments import METAWORLD_CAMERAS
     from pipelines.data.episode import Episode
-    from pipelines.data.lerobot import write_lerobot_dataset
+    from pipelines.data.lerobot.writer import write_lerobot_dataset
 
     rng = np.random.default_rng(seed)
     for task in tasks:

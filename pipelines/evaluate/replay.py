@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from pipelines.data.embodiments import get_adapter
-from pipelines.data.lerobot import CAMERA_PREFIX, LeRobotDataset
+from pipelines.data.lerobot.format import CAMERA_PREFIX
+from pipelines.data.lerobot.reader import LeRobotDataset
 from pipelines.data.metaworld_collect import DEFAULT_CAMERAS, EMBODIMENT, dataset_name
 from pipelines.evaluate.policy import Plan
 

@@ -90,7 +90,7 @@ def example_observation(settings: TrainSettings, index: dict) -> dict[str, np.nd
     """A recorded robot observation as a pyfunc request (the model's input example): the first frame of every
     camera, the state and the task of the first episode this run trained on; None when its episode files are not
     under ``<data_dir>/episodes`` (e.g. a pod that only has the latents)."""
-    from pipelines.data.lerobot import LeRobotDataset
+    from pipelines.data.lerobot.reader import LeRobotDataset
 
     entries = [e for e in index["episodes"] if settings.task in (None, e["task"]) and e.get("split") == "train"]
     if not entries:

@@ -63,7 +63,8 @@ def replay_observations(source: str | Path | None, cameras: Sequence[str], image
         rng = np.random.default_rng(seed)
         frames = rng.integers(0, 256, (steps, len(cameras), image_size, image_size, 3), dtype=np.uint8)
         return frames, rng.uniform(-0.2, 0.8, (steps, state_dim)).astype(np.float32), "synthetic"
-    from pipelines.data.lerobot import LeRobotDataset, camera_name
+    from pipelines.data.lerobot.format import camera_name
+    from pipelines.data.lerobot.reader import LeRobotDataset
 
     dataset = LeRobotDataset(source)
     index = dataset.episode_indices[episode % len(dataset)]

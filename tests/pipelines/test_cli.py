@@ -24,7 +24,8 @@ def test_data_import_cli_loads_a_local_lerobot_dataset(tmp_path, capsys):
     import numpy as np
 
     from pipelines.data.episode import Episode
-    from pipelines.data.lerobot import LeRobotDataset, write_lerobot_dataset
+    from pipelines.data.lerobot.reader import LeRobotDataset
+    from pipelines.data.lerobot.writer import write_lerobot_dataset
 
     rng = np.random.default_rng(0)
     eps = [Episode(frames={"cam": rng.integers(0, 255, (9, 16, 16, 3), dtype=np.uint8)},

@@ -12,7 +12,7 @@ from model.encoders import TextEncoder, VideoVAE
 from pipelines.data.autoencoder import AutoencoderConfig, FramePool, evaluate, train_autoencoder
 from pipelines.data.episode import Episode
 from pipelines.data.features import FeatureRepo
-from pipelines.data.lerobot import write_lerobot_dataset
+from pipelines.data.lerobot.writer import write_lerobot_dataset
 from pipelines.data.prepare import prepare
 
 SIZE = 32

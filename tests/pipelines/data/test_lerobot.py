@@ -19,12 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data.episode import Episode
-from pipelines.data.lerobot import (
-    LeRobotDataset,
-    import_lerobot,
-    validate_episode_files,
-    write_lerobot_dataset,
-)
+from pipelines.data.lerobot.importer import import_lerobot
+from pipelines.data.lerobot.reader import LeRobotDataset, validate_episode_files
+from pipelines.data.lerobot.writer import write_lerobot_dataset
 
 FPS = 10
 SIZE = 32

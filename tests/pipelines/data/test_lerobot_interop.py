@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.data.lerobot import LeRobotDataset, import_lerobot
+from pipelines.data.lerobot.importer import import_lerobot
+from pipelines.data.lerobot.reader import LeRobotDataset
 
 REPO = Path(__file__).resolve().parents[3]
 PROBE = Path(__file__).with_name("lerobot_probe.py")

@@ -19,7 +19,8 @@ from model.encoders import TextEncoder
 from model.normalization import ActionNormalizer
 from pipelines.data.episode import Episode
 from pipelines.data.features import FeatureRepo, read_features
-from pipelines.data.lerobot import LeRobotDataset, write_lerobot_dataset
+from pipelines.data.lerobot.reader import LeRobotDataset
+from pipelines.data.lerobot.writer import write_lerobot_dataset
 from pipelines.data.loader import PackedWindows
 from pipelines.data.prepare import prepare, split_episodes
 

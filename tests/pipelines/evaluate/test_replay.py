@@ -5,7 +5,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from pipelines.data.lerobot import write_lerobot_dataset
+from pipelines.data.lerobot.writer import write_lerobot_dataset
 from pipelines.data.metaworld_collect import LOSSLESS_CODEC, collect_task, dataset_name
 from pipelines.evaluate.replay import ReplayPolicy
 from pipelines.evaluate.rollout import evaluate

@@ -45,7 +45,7 @@ def test_resize_square_keeps_the_layout():
 
 def test_reads_a_lerobot_episode_matching_cameras_by_name(tmp_path):
     from pipelines.data.episode import Episode
-    from pipelines.data.lerobot import write_lerobot_dataset
+    from pipelines.data.lerobot.writer import write_lerobot_dataset
 
     rng = np.random.default_rng(0)
     n = 6
