@@ -74,7 +74,8 @@ def render_command(args: argparse.Namespace) -> int:
 def _validate(rendered: dict[str, str], crds_dir: Path | None) -> int:
     import yaml
 
-    from pipelines.cluster.validate import DEFAULT_CRDS_DIR, find_crds_dir, validate_documents
+    from pipelines.cluster.schemas import DEFAULT_CRDS_DIR, find_crds_dir
+    from pipelines.cluster.validate import validate_documents
 
     if find_crds_dir(crds_dir) is None:
         raise ValueError(f"no CRD folder at {crds_dir or DEFAULT_CRDS_DIR}; pass --crds-dir")

@@ -30,15 +30,15 @@ from kubeflow.training.models import (
 )
 from kubernetes import client as k8s
 
-from pipelines.cluster.images import GPU_IMAGE
-from pipelines.cluster.settings import ClusterSettings
-from pipelines.cluster.validate import (
+from pipelines.cluster.admission import (
     DEPLOYMENT_MODE_ANNOTATION,
     EDGE_PLACEMENT,
     KSERVE_CONTAINER,
     PLACEMENT_LABEL,
     STANDARD_MODE,
 )
+from pipelines.cluster.images import GPU_IMAGE
+from pipelines.cluster.settings import ClusterSettings
 
 PART_OF = "lingbot-va"
 TASK_LABEL = "platform.lingbot-va.io/task"

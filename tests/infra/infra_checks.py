@@ -37,7 +37,8 @@ PLACEHOLDER = "REPLACE_ME"
 
 # Custom resources (the InferenceServices) validate against ../shared/crds; where that folder is absent, the built-in
 # kinds are still validated strictly and the custom-resource checks skip with this reason.
-from pipelines.cluster.validate import effective_predictors, find_crds_dir  # noqa: E402
+from pipelines.cluster.admission import effective_predictors  # noqa: E402
+from pipelines.cluster.schemas import find_crds_dir  # noqa: E402
 
 CRDS = find_crds_dir()
 needs_crds = pytest.mark.skipif(CRDS is None, reason="../shared/crds (the upstream InferenceService CRD) is absent: "

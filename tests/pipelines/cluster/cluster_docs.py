@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from pipelines.cluster.validate import find_crds_dir
+from pipelines.cluster.schemas import find_crds_dir
 
 CRDS = find_crds_dir()
 needs_crds = pytest.mark.skipif(
@@ -65,7 +65,7 @@ def template(doc, name):
 
 def embedded(docs, template_name):
     """The manifest of a resource template, placeholders filled in (as validate sees it)."""
-    from pipelines.cluster.validate import embedded_manifests
+    from pipelines.cluster.argo_lint import embedded_manifests
 
     wt = find(docs, "WorkflowTemplate")
     hits = [m for t, _, m in embedded_manifests(wt, docs) if t == template_name]
@@ -92,7 +92,7 @@ def pods(docs):
     """Every pod the pipeline documents make, as a ``Pod`` carrying the labels its controller sets (Argo, the training
     operator), or the ``InferenceService`` itself (``infra_checks.workloads`` expands its predictors): what the
     infra's rule checks (tests/infra/infra_checks.py) take. Placeholders are filled with the parameters' defaults."""
-    from pipelines.cluster.validate import embedded_manifests, template_inputs
+    from pipelines.cluster.argo_lint import embedded_manifests, template_inputs
 
     out = []
     for wt in [d for d in docs if d["kind"] == "WorkflowTemplate"]:
@@ -132,7 +132,7 @@ def pods(docs):
 def pod_specs(doc, context=()):
     """``(where, pod spec)`` of a ``Pod`` from ``pods`` or of each predictor of an ``InferenceService`` (a
     ``predictor.model`` merged with its ServingRuntime among ``context``, as KServe makes the pods)."""
-    from pipelines.cluster.validate import effective_predictors
+    from pipelines.cluster.admission import effective_predictors
 
     where = f"{doc['kind']}/{doc['metadata']['name']}"
     if doc["kind"] in ("ServingRuntime", "ClusterServingRuntime"):

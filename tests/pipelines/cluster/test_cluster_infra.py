@@ -36,7 +36,7 @@ from cluster_docs import (
 )
 
 from pipelines.cli import build_parser
-from pipelines.cluster.validate import embedded_manifests
+from pipelines.cluster.argo_lint import embedded_manifests
 
 SHARED_KINDS = ("ServiceAccount", "ConfigMap", "Secret", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 """Kinds the platform's infra owns: the pipeline files only reference them."""

@@ -22,8 +22,10 @@ from cluster_docs import default_settings, embedded, find, parse
 from test_cluster_commands import parse_lingbot
 
 from pipelines.cli import main
+from pipelines.cluster.admission import KSERVE_CONTAINER
 from pipelines.cluster.manifests import registered_name
-from pipelines.cluster.validate import KSERVE_CONTAINER, load_documents, validate_documents
+from pipelines.cluster.schemas import load_documents
+from pipelines.cluster.validate import validate_documents
 from pipelines.cluster.workflows import RUN_COMPONENT
 from pipelines.settings import REPO_ROOT
 

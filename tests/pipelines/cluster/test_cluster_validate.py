@@ -7,14 +7,10 @@ import pytest
 from cluster_docs import CRDS, embedded, find, needs_crds, render_documents, template
 from kubernetes import client as k8s
 
+from pipelines.cluster.admission import DEPLOYMENT_MODE_ANNOTATION, STORAGE_URI_ENV, admission_problems
 from pipelines.cluster.manifests import to_dict
-from pipelines.cluster.validate import (
-    DEPLOYMENT_MODE_ANNOTATION,
-    STORAGE_URI_ENV,
-    admission_problems,
-    load_crd_schemas,
-    validate_documents,
-)
+from pipelines.cluster.schemas import load_crd_schemas
+from pipelines.cluster.validate import validate_documents
 
 
 @functools.cache
