@@ -21,22 +21,19 @@ import pytest
 from model_dirs import write_model_dir  # this folder's self-contained tiny model directories
 from pydantic import ValidationError
 
+from pipelines.evaluate.decision import TAG_LIMIT, decide, regression_allowance, wilson_interval
 from pipelines.evaluate.gate import (
     CHAMPION,
     GATE_EXPERIMENT,
     PREVIOUS_CHAMPION,
-    TAG_LIMIT,
     GateSettings,
     apply_decision,
     candidate_ref,
     champion_report,
     compact_report,
-    decide,
     gate,
     promote,
-    regression_allowance,
     rollback,
-    wilson_interval,
 )
 from pipelines.lineage import data_version, data_versions, log_data_inputs
 from pipelines.train.registry import default_tracking_uri, ensure_experiment, log_and_register
