@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from pipelines.cluster.argo_lint import _workflow_problems
+from pipelines.cluster.argo_lint import workflow_problems
 
 DEPLOYMENT_MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 """KServe's per-InferenceService deployment-mode annotation (pkg/constants: ``DeploymentMode``)."""
@@ -48,7 +48,7 @@ _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
-def _where(doc: Mapping) -> str:
+def doc_name(doc: Mapping) -> str:
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
     name = meta.get("name") or (f"{meta['generateName']}*" if meta.get("generateName") else "<no name>")
     return f"{doc.get('kind', '<no kind>')}/{name}"
@@ -60,7 +60,7 @@ def admission_problems(doc: Mapping, *, context: list[dict] | None = None) -> li
     ``context`` is the other documents applied together (a Workflow's ``workflowTemplateRef`` / ``templateRef``
     resolve against the WorkflowTemplates among them; references to templates elsewhere are not checked).
     """
-    where = _where(doc)
+    where = doc_name(doc)
     problems = [f"{where}: {p}" for p in _metadata_problems(doc)]
     kind = doc.get("kind")
     if kind == "PyTorchJob":
@@ -70,7 +70,7 @@ def admission_problems(doc: Mapping, *, context: list[dict] | None = None) -> li
     elif kind in RUNTIME_KINDS:
         problems += [f"{where}: {p}" for p in _runtime_problems(doc, context or [])]
     elif kind in ("Workflow", "WorkflowTemplate"):
-        problems += [f"{where}: {p}" for p in _workflow_problems(doc, context or [])]
+        problems += [f"{where}: {p}" for p in workflow_problems(doc, context or [])]
     return problems
 
 
@@ -342,11 +342,11 @@ def _runtime_of(isvc: Mapping, predictor: Mapping, part: str, context: list[dict
                           "the objects applied with it"]
         runtime = named[0]
         if spec_of(runtime).get("disabled") is True:
-            problems.append(f"{path}.runtime: {_where(runtime)} is disabled")
+            problems.append(f"{path}.runtime: {doc_name(runtime)} is disabled")
         if not _protocol_ok(runtime, model.get("protocolVersion")):
-            problems.append(f"{path}.protocolVersion: {_where(runtime)} does not support {model['protocolVersion']!r}")
+            problems.append(f"{path}.protocolVersion: {doc_name(runtime)} does not support {model['protocolVersion']!r}")
         if not _supports(model, runtime, explicit=True):
-            problems.append(f"{path}.modelFormat: {_where(runtime)} does not support {fmt}")
+            problems.append(f"{path}.modelFormat: {doc_name(runtime)} does not support {fmt}")
     else:
         protocol = model.get("protocolVersion") or DEFAULT_PROTOCOL
         multinode = predictor.get("workerSpec") is not None
@@ -366,7 +366,7 @@ def _runtime_of(isvc: Mapping, predictor: Mapping, part: str, context: list[dict
         runtime = sorted(candidates, key=lambda d: (d.get("kind") == "ClusterServingRuntime", -priority(d)))[0]
     containers = [c for c in spec_of(runtime).get("containers") or [] if isinstance(c, Mapping)]
     if not any(c.get("name") == KSERVE_CONTAINER for c in containers):
-        problems.append(f"{path}: {_where(runtime)} has no container {KSERVE_CONTAINER!r} for the model "
+        problems.append(f"{path}: {doc_name(runtime)} has no container {KSERVE_CONTAINER!r} for the model "
                         "(KServe: failed to find kserve-container in ServingRuntime containers)")
     return runtime, problems
 
@@ -417,7 +417,7 @@ def _runtime_problems(doc: Mapping, context: list[dict]) -> Iterator[str]:
                         str(f.get("name")).lower() and g.get("version") == f.get("version") and \
                         f.get("priority") is not None and f.get("priority") == g.get("priority"):
                     yield (f"spec.supportedModelFormats: same priority {f.get('priority')} assigned for the model "
-                           f"format {f.get('name')!r} as in {_where(other)}")
+                           f"format {f.get('name')!r} as in {doc_name(other)}")
 
 
 def effective_predictors(isvc: Mapping, context: list[dict]) -> list[tuple[str, dict]]:

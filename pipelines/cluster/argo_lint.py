@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.cluster.schemas import _shorten
+from pipelines.cluster.schemas import shorten
 
 _TEMPLATE_TYPES = ("container", "script", "dag", "steps", "resource", "suspend", "data", "http", "plugin",
                    "containerSet")
@@ -50,7 +50,7 @@ def _effective_spec(doc: Mapping, docs: list[dict]) -> tuple[dict, dict[str, dic
     return spec, templates, params
 
 
-def _workflow_problems(doc: Mapping, docs: list[dict]) -> Iterator[str]:
+def workflow_problems(doc: Mapping, docs: list[dict]) -> Iterator[str]:
     """Argo's own lint: template types, references (entrypoint, steps, DAG tasks, onExit) and parameter references."""
     effective = _effective_spec(doc, docs)
     if effective is None:
@@ -233,7 +233,7 @@ def embedded_manifests(doc: Mapping, docs: list[dict]) -> Iterator[tuple[str, in
         try:
             embedded = [d for d in yaml.safe_load_all(_fill(manifest, inputs.get(tname, {}), workflow_values)) if d]
         except yaml.YAMLError as err:
-            yield tname, 0, f"not valid YAML once parameters are filled in: {_shorten(str(err))}"
+            yield tname, 0, f"not valid YAML once parameters are filled in: {shorten(str(err))}"
             continue
         for index, manifest_doc in enumerate(embedded):
             yield tname, index, manifest_doc

@@ -131,7 +131,7 @@ def _kubernetes_registry() -> Registry:
 
 
 @functools.lru_cache(maxsize=64)
-def _builtin_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
+def builtin_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
     # kubernetes-validate's file naming: rbac.authorization.k8s.io/v1 -> rbac-v1, apps/v1 -> apps-v1, v1 -> v1
     group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
     file = _kubernetes_schema_dir() / f"{kind.lower()}-{group_version}.json"
@@ -142,7 +142,7 @@ def _builtin_validator(api_version: str, kind: str) -> jsonschema.protocols.Vali
 
 
 @functools.lru_cache(maxsize=16)
-def _crd_validator(crds_dir: str, api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
+def crd_validator(crds_dir: str, api_version: str, kind: str) -> jsonschema.protocols.Validator | None:
     schema = _load_crd_schemas(crds_dir).get((api_version, kind))
     if schema is None:
         return None
@@ -157,12 +157,12 @@ def _path(parts: Iterable[Any]) -> str:
     return out or "<root>"
 
 
-def _shorten(message: str) -> str:
+def shorten(message: str) -> str:
     return message if len(message) <= _MESSAGE_LIMIT else message[: _MESSAGE_LIMIT - 3] + "..."
 
 
-def _schema_problems(validator: jsonschema.protocols.Validator, doc: Mapping, where: str) -> list[str]:
+def schema_problems(validator: jsonschema.protocols.Validator, doc: Mapping, where: str) -> list[str]:
     problems = []
     for error in sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path]):
-        problems.append(f"{where}: {_path(error.absolute_path)}: {_shorten(error.message)}")
+        problems.append(f"{where}: {_path(error.absolute_path)}: {shorten(error.message)}")
     return problems

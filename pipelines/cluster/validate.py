@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipelines.cluster.admission import _where, admission_problems
+from pipelines.cluster.admission import admission_problems, doc_name
 from pipelines.cluster.argo_lint import embedded_manifests
 from pipelines.cluster.schemas import (
     DEFAULT_CRDS_DIR,
     KUBERNETES_VERSION,
-    _builtin_validator,
-    _crd_validator,
-    _schema_problems,
+    builtin_validator,
+    crd_validator,
     find_crds_dir,
+    schema_problems,
 )
 
 
@@ -41,18 +41,18 @@ def validate_documents(docs: list[dict], *, crds_dir: Path | None = None) -> lis
 
 def _validate_one(doc: Mapping, crds_dir: Path | None, docs: list[dict], prefix: str,
                   missing: Path | None = None) -> list[str]:
-    where = prefix + _where(doc)
+    where = prefix + doc_name(doc)
     api_version, kind = doc.get("apiVersion"), doc.get("kind")
     if not isinstance(api_version, str) or not isinstance(kind, str):
         return [f"{where}: apiVersion and kind are required strings"]
-    validator = _builtin_validator(api_version, kind)
+    validator = builtin_validator(api_version, kind)
     if validator is None and crds_dir is not None:
-        validator = _crd_validator(str(crds_dir.resolve()), api_version, kind)
+        validator = crd_validator(str(crds_dir.resolve()), api_version, kind)
     if validator is None:
         known = f"Kubernetes {KUBERNETES_VERSION} built-ins" + (f" and the CRDs in {crds_dir}" if crds_dir else
                                                                   f" (no CRD folder at {missing})")
         return [f"{where}: no schema for {kind} {api_version} among {known}"]
-    problems = _schema_problems(validator, doc, where)
+    problems = schema_problems(validator, doc, where)
     problems += [prefix + p for p in admission_problems(doc, context=docs)]
     if kind in ("Workflow", "WorkflowTemplate") and api_version.startswith("argoproj.io/"):
         for template_name, manifest_index, embedded in embedded_manifests(doc, docs):

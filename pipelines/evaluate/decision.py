@@ -130,7 +130,7 @@ def _number(report: Mapping, key: str, who: str, reasons: list[str]) -> float | 
     return float(value)
 
 
-def _success(report: Mapping) -> Any:
+def report_success(report: Mapping) -> Any:
     """``avg_success``, or the mean of the tasks' success rates when the report lacks it."""
     if "avg_success" in report:
         return report["avg_success"]
@@ -138,7 +138,7 @@ def _success(report: Mapping) -> Any:
     return sum(rates) / len(rates) if rates and all(isinstance(r, (int, float)) for r in rates) else None
 
 
-def _episodes(report: Mapping) -> Any:
+def report_episodes(report: Mapping) -> Any:
     """``episodes``, or the sum over tasks when the report lacks it."""
     if "episodes" in report:
         return report["episodes"]
@@ -159,7 +159,7 @@ def decide(candidate: Mapping, champion: Mapping | None, settings: GateSettings)
     if not isinstance(candidate, Mapping):
         raise ValueError(f"candidate report must be a dict, got {type(candidate).__name__}")
     reasons: list[str] = []
-    cand = {**candidate, "avg_success": _success(candidate), "episodes": _episodes(candidate)}
+    cand = {**candidate, "avg_success": report_success(candidate), "episodes": report_episodes(candidate)}
 
     nan_episodes = _number(cand, "nan_episodes", "candidate", reasons) if "nan_episodes" in cand else 0.0
     if nan_episodes and settings.require_no_nan:
@@ -183,8 +183,8 @@ def decide(candidate: Mapping, champion: Mapping | None, settings: GateSettings)
         champion_version = None if champion.get("model_version") is None else str(champion["model_version"])
         label = f"champion v{champion_version}" if champion_version else "champion"
         champ_reasons: list[str] = []
-        champion_success = _number({"avg_success": _success(champion)}, "avg_success", label, champ_reasons)
-        champ_episodes = _number({"episodes": _episodes(champion)}, "episodes", label, champ_reasons)
+        champion_success = _number({"avg_success": report_success(champion)}, "avg_success", label, champ_reasons)
+        champ_episodes = _number({"episodes": report_episodes(champion)}, "episodes", label, champ_reasons)
         if champion_success is not None and not 0.0 <= champion_success <= 1.0:
             champ_reasons.append(f"{label} avg_success {champion_success} is not a success rate in [0, 1]")
         if champ_episodes is not None and champ_episodes <= 0:

@@ -22,7 +22,7 @@ import mlflow
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.evaluate.decision import TAG_LIMIT, Decision, _episodes, _success, decide
+from pipelines.evaluate.decision import TAG_LIMIT, Decision, decide, report_episodes, report_success
 from pipelines.settings import REPO_ROOT
 from pipelines.train.registry import default_tracking_uri, ensure_experiment, flatten_params
 
@@ -74,8 +74,8 @@ def compact_report(report: Mapping) -> str:
     tasks = report.get("tasks") or {}
     data = {
         "model_version": None if report.get("model_version") is None else str(report["model_version"]),
-        "avg_success": _finite_or_none(_success(report)),
-        "episodes": _finite_or_none(_episodes(report)),
+        "avg_success": _finite_or_none(report_success(report)),
+        "episodes": _finite_or_none(report_episodes(report)),
         "nan_episodes": _finite_or_none(report.get("nan_episodes", 0)),
         "errors": _finite_or_none(report.get("errors", 0)),
         "tasks": {name: {"success_rate": _finite_or_none(t.get("success_rate")),
@@ -244,11 +244,11 @@ def record_decision(report: Mapping, decision: Decision, settings: GateSettings,
     params = {
         "model_uri": judged, "requested_model_uri": report.get("model_uri"), "registered_name": name,
         "model_version": version,
-        "mode": report.get("mode"), "episodes": _episodes(report), "seeds": list(report.get("seeds") or []),
+        "mode": report.get("mode"), "episodes": report_episodes(report), "seeds": list(report.get("seeds") or []),
         "tasks": sorted(tasks),
         "gate": settings.model_dump(include={"min_success", "max_regression", "confidence", "require_no_nan"}),
     }
-    metrics = {"avg_success": _success(report), "episodes": _episodes(report),
+    metrics = {"avg_success": report_success(report), "episodes": report_episodes(report),
                "nan_episodes": report.get("nan_episodes"), "errors": report.get("errors")}
     if decision.champion_success is not None:
         metrics["champion_success"] = decision.champion_success

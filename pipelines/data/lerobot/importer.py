@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipelines.data.episode import Episode
 from pipelines.data.lerobot.reader import LeRobotDataset
-from pipelines.data.lerobot.writer import _fresh_dir, _write_json, write_lerobot_dataset
+from pipelines.data.lerobot.writer import fresh_dir, write_json, write_lerobot_dataset
 
 
 def import_lerobot(src: Path, dst: Path, *, embodiment: str, min_length: int = 1) -> dict:
@@ -43,7 +43,7 @@ def import_lerobot(src: Path, dst: Path, *, embodiment: str, min_length: int = 1
     def set_aside(idx: int, reasons: list[str]) -> None:
         if not staging:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            staging.append(_fresh_dir(dst.parent, f".{quarantine.name}.tmp-"))
+            staging.append(fresh_dir(dst.parent, f".{quarantine.name}.tmp-"))
             shutil.copytree(src / "meta", staging[0] / "meta")
         copied = []
         for f in ds.episode_files(idx):
@@ -68,7 +68,7 @@ def import_lerobot(src: Path, dst: Path, *, embodiment: str, min_length: int = 1
         if not staging:
             return None
         report_file = staging[0] / "report.json"
-        _write_json(report_file, {"source": str(src), "destination": str(dst), "min_length": min_length,
+        write_json(report_file, {"source": str(src), "destination": str(dst), "min_length": min_length,
                                   "imported": imported, "quarantined": report})
         os.rename(staging[0], quarantine)
         staging.clear()

@@ -75,7 +75,7 @@ def write_lerobot_dataset(
     if episodes_per_file is not None and episodes_per_file < 1:
         raise ValueError(f"episodes_per_file must be at least 1, got {episodes_per_file}")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(root.parent, f".{root.name}.tmp-")
+    tmp = fresh_dir(root.parent, f".{root.name}.tmp-")
     try:
         _V3Writer(tmp, robot_type=robot_type, fps=fps, codec=video_codec, crf=crf, gop_size=gop_size,
                   data_mb=data_file_size_mb, video_mb=video_file_size_mb, per_file=episodes_per_file).write(episodes)
@@ -86,7 +86,7 @@ def write_lerobot_dataset(
     return root
 
 
-def _fresh_dir(parent: Path, prefix: str) -> Path:
+def fresh_dir(parent: Path, prefix: str) -> Path:
     """A new hidden folder beside the target (same filesystem, so the final rename is atomic). Unlike mkdtemp it gets
     the umask's permissions, which the renamed dataset keeps."""
     path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
@@ -268,13 +268,13 @@ class _V3Writer:
             "video_path": VIDEO_PATH if self.layout["cameras"] else None,
             "features": _features(self.layout, self.video_info),
         }
-        _write_json(self.out / INFO_PATH, info)
+        write_json(self.out / INFO_PATH, info)
         episodes = self.out / EPISODES_PATH.format(chunk_index=0, file_index=0)
         episodes.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(self.rows), episodes)
         tasks = pd.DataFrame({"task_index": list(self.tasks.values())}, index=pd.Index(list(self.tasks), name="task"))
         tasks.to_parquet(self.out / V3_TASKS_PATH)
-        _write_json(self.out / STATS_PATH, _serialise(_aggregate_stats(self.episode_stats)))
+        write_json(self.out / STATS_PATH, _serialise(_aggregate_stats(self.episode_stats)))
 
 
 def _layout_of(ep: Episode, fps: int | None) -> dict[str, Any]:
@@ -435,6 +435,6 @@ def _serialise(stats: dict[str, dict[str, np.ndarray]]) -> dict:
     return {k: {s: np.asarray(v).tolist() for s, v in d.items()} for k, d in stats.items()}
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=4, ensure_ascii=False))
