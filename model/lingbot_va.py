@@ -19,7 +19,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,69 +40,14 @@ from model.layers import (
     VideoBlock,
     apply_rope,
 )
-from model.masks import CLEAN, FDM_ACT, FDM_VID, NOISY, PAD, TokenMeta, allowed, mask_mod
+from model.masks import CLEAN, TokenMeta, allowed, mask_mod
+from model.sequence import build_training_sequence
+from model.session import Session
+from model.tokens import KVCache, Tokens
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
-
-
-def s_to_wan_t(s: torch.Tensor) -> torch.Tensor:
-    """Flow time s (1 = data) -> Wan's timestep (0 = data, 1000 = noise)."""
-    return 1000.0 * (1.0 - s)
-
-
-@dataclass
-class Tokens:
-    """Embedded tokens of one stream for one model call."""
-
-    x: torch.Tensor  # (B, L, d) embedded tokens
-    t: torch.Tensor  # (B, L) Wan timesteps
-    pos: torch.Tensor  # (B, L, 3) float RoPE positions (t, h, w)
-    meta: TokenMeta
-
-    @property
-    def length(self) -> int:
-        return self.x.shape[1]
-
-
-class KVCache:
-    """Per-layer keys/values (B, L, H, D) of clean history tokens, plus their metadata."""
-
-    def __init__(self, num_layers: int):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.meta: TokenMeta | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.meta is None else self.meta.length
-
-    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], meta: TokenMeta) -> None:
-        for i, (k, v) in enumerate(kv):
-            self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], dim=1)
-            self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], dim=1)
-        self.meta = meta if self.meta is None else TokenMeta.cat([self.meta, meta])
-
-    def keep(self, mask_L: torch.Tensor) -> None:
-        """Keep only the tokens where mask_L is True (eviction / dropping provisional entries)."""
-        if self.meta is None:
-            return
-        idx = mask_L.nonzero().squeeze(1)
-        self.k = [k.index_select(1, idx) for k in self.k]
-        self.v = [v.index_select(1, idx) for v in self.v]
-        self.meta = self.meta[:, idx]
-
-    def rows(self, rows: list[int]) -> KVCache:
-        out = KVCache(len(self.k))
-        if self.meta is not None:
-            out.k = [k[rows] for k in self.k]
-            out.v = [v[rows] for v in self.v]
-            out.meta = self.meta[rows]
-        return out
-
-    def copy(self) -> KVCache:
-        return self.rows(list(range(self.meta.chunk.shape[0]))) if self.meta is not None else KVCache(len(self.k))
 
 
 def attention_mask(q_meta: TokenMeta, k_meta: TokenMeta, window: int | None, device, backend: str = "auto"):
@@ -347,8 +291,6 @@ class LingBotVA(nn.Module):
           chunk_size  int, optional          K for this step; sampled from config.train_chunk_sizes otherwise
         Returns {"loss", "dyn", "inv", "fdm"}; "fdm" is 0 unless config.fdm_loss_weight > 0.
         """
-        from model.sequence import build_training_sequence
-
         seq = build_training_sequence(self, batch, generator)
         out_v, out_a, _ = self.run(seq.video, seq.action, seq.context, seq.context_mask)
         err_v = (out_v.float() - seq.video_target).pow(2).mean(-1)  # (B, Lv)
@@ -365,10 +307,8 @@ class LingBotVA(nn.Module):
         return self.compute_loss(batch, generator)
 
     # ------------------------------------------------------------------------------------------- inference
-    def session(self, text: torch.Tensor, action_mask: torch.Tensor, **kwargs):
+    def session(self, text: torch.Tensor, action_mask: torch.Tensor, **kwargs) -> Session:
         """A per-episode KV-cache inference session (see ``model.session.Session``)."""
-        from model.session import Session
-
         return Session(self, text, action_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -438,4 +378,4 @@ def _on_meta(module: nn.Module) -> bool:
 
 
 
-__all__ = ["CLEAN", "FDM_ACT", "FDM_VID", "NOISY", "PAD", "KVCache", "LingBotVA", "Tokens"]
+__all__ = ["LingBotVA", "read_checkpoint_meta"]

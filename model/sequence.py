@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from model.masks import CLEAN, FDM_ACT, FDM_VID, NOISY, PAD, TokenMeta
+from model.tokens import Tokens, s_to_wan_t
 
 
 @dataclass
 class TrainingSequence:
-    video: object  # Tokens
-    action: object  # Tokens
+    video: Tokens
+    action: Tokens
     context: torch.Tensor  # (B, T_row, d_v) projected text of the episodes in each row
     context_mask: torch.Tensor | None  # (B, Lv, T_row) video token -> own episode's text
     video_target: torch.Tensor  # (B, Lv, patch_dim) eps - z in patch space
@@ -74,8 +75,6 @@ def validate_batch(batch: dict, config) -> None:
 
 
 def build_training_sequence(model, batch: dict, generator: torch.Generator | None = None) -> TrainingSequence:
-    from model.lingbot_va import Tokens, s_to_wan_t
-
     c = model.config
     validate_batch(batch, c)
     video, actions = batch["video"], batch["actions"]

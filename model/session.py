@@ -9,7 +9,8 @@
     video, next_actions = s.predict_chunk()         # the chunk after a_t, grounded on the latest real frame
     s.observe(z_real, a_t)                          # provisional entries are replaced by the real ones
 
-A policy server serving many robots batches their sessions' model passes (same model and sampler settings):
+A policy server serving many robots batches their sessions' model passes (same model and sampler settings; the
+integrator is ``model.sampler``'s, and a session's own call is its one-session case):
 
     results = predict_chunks([s1, s2, s3])          # == [s.predict_chunk() for s in (s1, s2, s3)]
     imagined = imagine_many([s1, s2], [a1, a2])     # == [s1.imagine(a1), s2.imagine(a2)]
@@ -21,39 +22,22 @@ and benchmark compare against); both paths evaluate the same attention rule, so 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from model.lingbot_va import KVCache, LingBotVA, Tokens, s_to_wan_t
-from model.masks import CLEAN, FDM_ACT, FDM_VID, NOISY, PAD, TokenMeta
+from model.masks import CLEAN, TokenMeta
+from model.sampler import Batch, cfg_rows, imagine_chunks, sample_chunks
+from model.tokens import KVCache, Tokens, s_to_wan_t
 
 
 @dataclass
 class _Entry:
     """One committed or provisional history step, kept as tokens for the no-cache recompute."""
 
-    video: Tokens | None
+    video: Tokens
     action: Tokens | None
-    chunk: int
-
-
-def _cat_tokens(items: list[Tokens | None]) -> Tokens | None:
-    items = [t for t in items if t is not None]
-    if not items:
-        return None
-    if len(items) == 1:
-        return items[0]
-    return Tokens(
-        torch.cat([t.x for t in items], 1), torch.cat([t.t for t in items], 1), torch.cat([t.pos for t in items], 1),
-        TokenMeta.cat([t.meta for t in items]),
-    )
-
-
-def _rows(t: Tokens | None, rows: list[int]) -> Tokens | None:
-    return None if t is None else Tokens(t.x[rows], t.t[rows], t.pos[rows], t.meta[rows])
 
 
 class Session:
@@ -61,7 +45,7 @@ class Session:
 
     def __init__(
         self,
-        model: LingBotVA,
+        model: nn.Module,
         text: torch.Tensor,
         action_mask: torch.Tensor,
         *,
@@ -116,81 +100,26 @@ class Session:
         self._committed = (0, 0, 0, 0)  # (cache length, history length, next_frame, num_chunks) before provisional
 
     # ------------------------------------------------------------------------------------------- tokens
-    def _video(self, z_FCHW: torch.Tensor, s: float, chunk: int, kind: int, first_frame: int, rows: int) -> Tokens:
+    def video_tokens(self, z_FCHW: torch.Tensor, s: float, kind: int, rows: int) -> Tokens:
+        """Frames (F, C, H, W) at flow time ``s`` as ``kind`` tokens of the next chunk, on ``rows`` identical rows."""
         m = self.model
         H, W = self.size
         x = m.embed_video(z_FCHW[None].to(self.device)).expand(rows, -1, -1)
         L = x.shape[1]
-        frames = torch.arange(first_frame, first_frame + z_FCHW.shape[0], device=self.device)
+        frames = torch.arange(self.next_frame, self.next_frame + z_FCHW.shape[0], device=self.device)
         pos = m.video_positions(frames, H, W)[None].expand(rows, -1, -1)
         t = s_to_wan_t(torch.full((rows, L), float(s), device=self.device))
-        return Tokens(x, t, pos, TokenMeta.full(rows, L, chunk, kind, device=self.device))
+        return Tokens(x, t, pos, TokenMeta.full(rows, L, 2 * self.num_chunks, kind, device=self.device))
 
-    def _action(self, a_NA: torch.Tensor, s: float, chunk: int, kind: int, first_interval: int, rows: int) -> Tokens:
+    def action_tokens(self, a_NA: torch.Tensor, s: float, kind: int, rows: int) -> Tokens:
+        """Actions (N, A) at flow time ``s`` as ``kind`` tokens of the next chunk (the actions leading to its frames)."""
         m = self.model
         H, W = self.size
         x = m.embed_actions(a_NA[None].to(self.device), self.action_mask[None]).expand(rows, -1, -1)
         N = x.shape[1]
-        pos = m.action_positions(first_interval, N, H, W, device=self.device)[None].expand(rows, -1, -1)
+        pos = m.action_positions(self.next_frame - 1, N, H, W, device=self.device)[None].expand(rows, -1, -1)
         t = s_to_wan_t(torch.full((rows, N), float(s), device=self.device))
-        return Tokens(x, t, pos, TokenMeta.full(rows, N, chunk, kind, device=self.device))
-
-    # ------------------------------------------------------------------------------------------- model calls
-    def _eval(self, video: Tokens | None, action: Tokens | None, rows: int, extra: list[_Entry] = (),
-              extra_kv: KVCache | None = None, return_kv: bool = False):
-        """Run new tokens against the history (+ ``extra`` temporary clean entries)."""
-        m, ctx = self.model, self.context[:rows]
-        if self.use_cache:
-            cache = extra_kv if extra_kv is not None else self._cache_rows(rows)
-            return m.run(video, action, ctx, cache=cache, return_kv=return_kv, window_chunks=self.window)
-        hist = self.history + list(extra)
-        hv = _cat_tokens([_rows(e.video, list(range(rows))) for e in hist])
-        ha = _cat_tokens([_rows(e.action, list(range(rows))) for e in hist])
-        lv = 0 if hv is None else hv.length
-        la = 0 if ha is None else ha.length
-        out_v, out_a, _ = m.run(_cat_tokens([hv, video]), _cat_tokens([ha, action]), ctx, window_chunks=self.window)
-        return (None if video is None else out_v[:, lv:], None if action is None else out_a[:, la:], [])
-
-    def _cache_rows(self, rows: int) -> KVCache:
-        return self.cache if rows == self.rows else self.cache.rows(list(range(rows)))
-
-    def _extend(self, entry: _Entry, rows: int) -> KVCache | None:
-        """KV cache with a temporary clean entry appended (cache mode), without touching the session cache."""
-        if not self.use_cache:
-            return None
-        _, _, kv = self._eval(entry.video, entry.action, rows, return_kv=True)
-        ext = self._cache_rows(rows).copy()
-        ext.append(kv, TokenMeta.cat([t.meta for t in (entry.video, entry.action) if t is not None]))
-        return ext
-
-    def _guided(self, out: torch.Tensor, scale: float) -> torch.Tensor:
-        return out[:1] if out.shape[0] == 1 else out[1:2] + scale * (out[:1] - out[1:2])
-
-    def _noise(self, *shape) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator, device="cpu").to(self.device)
-
-    def _action_noise(self, steps: int) -> torch.Tensor:
-        """The action chunk's initial noise (steps, A), scaled by the temperature (drawn even at 0: same stream)."""
-        return self._noise(steps, self.config.action_channels) * self.action_temperature
-
-    def _denoise_video(self, K: int, kind: int, extra: list[_Entry], extra_kv: KVCache | None):
-        """Euler-integrate the video chunk from s = 0 to s_end; returns (x at s_end, clean estimate)."""
-        c, m = self.config, self.model
-        H, W = self.size
-        rows = 2 if self.video_cfg != 1.0 else 1
-        if extra_kv is not None and extra_kv.meta.chunk.shape[0] != rows:
-            extra_kv = extra_kv.rows(list(range(rows)))
-        x = self._noise(K, c.latent_channels, H, W)
-        grid = torch.linspace(0.0, self.video_s_end, self.video_steps + 1).tolist()
-        estimate = x
-        for s0, s1 in itertools.pairwise(grid):
-            tok = self._video(x, s0, 2 * self.num_chunks, kind, self.next_frame, rows)
-            out_v, _, _ = self._eval(tok, None, rows, extra, extra_kv)
-            u = self._guided(m.unpatchify(out_v.float(), K, H, W), self.video_cfg)[0]
-            velocity = -u  # the network predicts eps - x (Wan); d x / d s = x - eps
-            estimate = x + (1.0 - s0) * velocity
-            x = x + (s1 - s0) * velocity
-        return x, estimate
+        return Tokens(x, t, pos, TokenMeta.full(rows, N, 2 * self.num_chunks + 1, kind, device=self.device))
 
     # ------------------------------------------------------------------------------------------- public API
     @torch.no_grad()
@@ -203,9 +132,7 @@ class Session:
         """
         if not provisional:
             self._drop_provisional()
-        video, action, frames = self._observation(latents, actions, noise_level)
-        kv = self._eval(video, action, self.rows, return_kv=True)[2] if self.use_cache else None
-        self._append(video, action, kv, frames, provisional)
+        _observe([self], [latents], [actions], noise_level, provisional)
 
     def _observation(self, latents: torch.Tensor, actions: torch.Tensor | None,
                      noise_level: float) -> tuple[Tokens, Tokens | None, int]:
@@ -219,18 +146,16 @@ class Session:
             if actions is None:
                 raise ValueError("observe() after the first frame needs the executed actions")
             actions = self._check_actions(actions, F_)
-        chunk = self.num_chunks
-        video = self._video(latents, noise_level, 2 * chunk, CLEAN, self.next_frame, self.rows)
-        action = None if first else self._action(actions, 1.0, 2 * chunk + 1, CLEAN, self.next_frame - 1, self.rows)
+        video = self.video_tokens(latents, noise_level, CLEAN, self.rows)
+        action = None if first else self.action_tokens(actions, 1.0, CLEAN, self.rows)
         return video, action, F_
 
     def _append(self, video: Tokens, action: Tokens | None, kv: list | None, frames: int, provisional: bool) -> None:
         """Add an observation to the context (its keys/values ``kv`` in cache mode) and advance the counters."""
-        chunk = self.num_chunks
         if self.use_cache:
             self.cache.append(kv, TokenMeta.cat([t.meta for t in (video, action) if t is not None]))
         else:
-            self.history.append(_Entry(video, action, chunk))
+            self.history.append(_Entry(video, action))
         self.next_frame += frames
         self.num_chunks += 1
         if self.window is not None and self.cache.meta is not None:
@@ -248,36 +173,7 @@ class Session:
         """
         if self.num_chunks == 0:
             raise ValueError("observe() the initial frame before predict_chunk()")
-        c = self.config
-        K = chunk_size or self.chunk_size
-        if c.objective == "reactive":
-            return self._predict_actions_reactive(K)
-        x, estimate = self._denoise_video(K, NOISY, [], None)
-        rows_a = 2 if self.action_cfg != 1.0 else 1
-        temp = _Entry(self._video(x, self.video_s_end, 2 * self.num_chunks, CLEAN, self.next_frame, rows_a), None,
-                      self.num_chunks)
-        ext = self._extend(temp, rows_a)
-        N = K * c.tau
-        a = self._action_noise(N)
-        grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
-        for s0, s1 in itertools.pairwise(grid):
-            tok = self._action(a, s0, 2 * self.num_chunks + 1, NOISY, self.next_frame - 1, rows_a)
-            _, out_a, _ = self._eval(None, tok, rows_a, [temp], ext)
-            a = a + (s1 - s0) * -self._guided(out_a.float(), self.action_cfg)[0]
-        return estimate, a * self.action_mask.to(a.dtype)
-
-    def _predict_actions_reactive(self, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reactive baseline: the action chunk from the observed history alone; the video is empty (0 frames)."""
-        c = self.config
-        rows_a = 2 if self.action_cfg != 1.0 else 1
-        a = self._action_noise(K * c.tau)
-        grid = torch.linspace(0.0, 1.0, self.action_steps + 1).tolist()
-        for s0, s1 in itertools.pairwise(grid):
-            tok = self._action(a, s0, 2 * self.num_chunks + 1, FDM_ACT, self.next_frame - 1, rows_a)
-            _, out_a, _ = self._eval(None, tok, rows_a)
-            a = a + (s1 - s0) * -self._guided(out_a.float(), self.action_cfg)[0]
-        H, W = self.size
-        return torch.zeros(0, c.latent_channels, H, W, device=self.device), a * self.action_mask.to(a.dtype)
+        return sample_chunks([self], chunk_size or self.chunk_size)[0]
 
     @torch.no_grad()
     def imagine(self, actions: torch.Tensor, *, commit: bool = True) -> torch.Tensor:
@@ -295,13 +191,7 @@ class Session:
             raise ValueError(f"actions must be (K*tau, {c.action_channels}) with tau={c.tau}, got {tuple(actions.shape)}")
         K = actions.shape[0] // c.tau
         actions = self._check_actions(actions, K)
-        rows = 2 if self.video_cfg != 1.0 else 1
-        fdm_act = _Entry(None, self._action(actions, 1.0, 2 * self.num_chunks + 1, FDM_ACT, self.next_frame - 1, rows),
-                         self.num_chunks)
-        x, estimate = self._denoise_video(K, FDM_VID, [fdm_act], self._extend(fdm_act, rows))
-        if commit:
-            self.observe(x, actions, noise_level=self.video_s_end, provisional=True)
-        return estimate
+        return _imagine([self], [actions], commit)[0]
 
     def reset_provisional(self) -> None:
         """Forget entries added by ``imagine(commit=True)``."""
@@ -347,10 +237,8 @@ class Session:
 
 
 # ----------------------------------------------------------------------------------------------- many sessions
-# A policy server holds one session per robot. The functions below run the sessions' model evaluations together:
-# each session contributes its own rows (instruction and, under CFG, the null instruction) to one batch, so a
-# denoising step is one model pass for all robots instead of one per robot. Every per-session quantity (tokens,
-# noise, guidance, the update rule) is computed by the session's own methods, exactly as its per-session call would.
+# A policy server holds one session per robot; these functions check that the sessions can share one batch and run
+# them through the sampler together (see model.sampler).
 
 _SHARED_SETTINGS = ("video_steps", "video_s_end", "video_cfg", "action_steps", "action_cfg", "window", "size")
 
@@ -368,31 +256,7 @@ def predict_chunks(sessions: list[Session], chunk_size: int | None = None) -> li
     if len(sessions) <= 1:
         return [s.predict_chunk(chunk_size) for s in sessions]
     first = _check_batchable(sessions, "predict_chunks", same_chunk_size=not chunk_size)
-    c = first.config
-    K = chunk_size or first.chunk_size
-    if c.objective == "reactive":
-        return _predict_actions_reactive_many(sessions, K)
-    H, W = first.size
-    # all noise up front, session by session (video, then actions): the order holds even if a generator is shared
-    noise = [(s._noise(K, c.latent_channels, H, W), s._action_noise(K * c.tau)) for s in sessions]
-    rows_v, rows_a = (2 if scale != 1.0 else 1 for scale in (first.video_cfg, first.action_cfg))
-    batch = _Batch(sessions, rows_v)
-    xs, estimates = _denoise_video_many(sessions, batch, [z for z, _ in noise], K, NOISY, None)
-    if rows_a != rows_v:
-        batch = _Batch(sessions, rows_a)  # replaces (frees) the stacked cache of the video rows
-    # the partially denoised video enters the context of the action chunk as clean-type tokens at s_end
-    temp = _stack([s._video(x, s.video_s_end, 2 * s.num_chunks, CLEAN, s.next_frame, rows_a)
-                   for s, x in zip(sessions, xs, strict=True)])
-    ext = batch.extended(temp, None)
-    actions = [a for _, a in noise]
-    grid = torch.linspace(0.0, 1.0, first.action_steps + 1).tolist()
-    for s0, s1 in itertools.pairwise(grid):
-        tok = _stack([s._action(a, s0, 2 * s.num_chunks + 1, NOISY, s.next_frame - 1, rows_a)
-                      for s, a in zip(sessions, actions, strict=True)])
-        _, out_a, _ = batch.run(None, tok, ext)
-        actions = [a + (s1 - s0) * -s._guided(o.float(), s.action_cfg)[0]
-                   for s, a, o in zip(sessions, actions, batch.split(out_a), strict=True)]
-    return [(e, a * s.action_mask.to(a.dtype)) for s, e, a in zip(sessions, estimates, actions, strict=True)]
+    return sample_chunks(sessions, chunk_size or first.chunk_size)
 
 
 @torch.no_grad()
@@ -408,8 +272,7 @@ def imagine_many(sessions: list[Session], actions: list[torch.Tensor], *, commit
         raise ValueError(f"imagine_many: {len(sessions)} sessions but {len(actions)} action chunks")
     if len(sessions) <= 1:
         return [s.imagine(a, commit=commit) for s, a in zip(sessions, actions, strict=True)]
-    first = _check_batchable(sessions, "imagine_many", same_chunk_size=False)
-    c = first.config
+    c = _check_batchable(sessions, "imagine_many", same_chunk_size=False).config
     if c.objective == "reactive":
         raise ValueError("a reactive model has no forward dynamics: imagine() (async mode) needs a world model")
     for i, a in enumerate(actions):
@@ -421,58 +284,7 @@ def imagine_many(sessions: list[Session], actions: list[torch.Tensor], *, commit
                              f"{a.shape[0]} for session {i}); batched sessions imagine chunks of one size")
     K = actions[0].shape[0] // c.tau
     actions = [s._check_actions(a, K) for s, a in zip(sessions, actions, strict=True)]
-    H, W = first.size
-    noise = [s._noise(K, c.latent_channels, H, W) for s in sessions]
-    rows = 2 if first.video_cfg != 1.0 else 1
-    batch = _Batch(sessions, rows)
-    fdm = _stack([s._action(a, 1.0, 2 * s.num_chunks + 1, FDM_ACT, s.next_frame - 1, rows)
-                  for s, a in zip(sessions, actions, strict=True)])
-    xs, estimates = _denoise_video_many(sessions, batch, noise, K, FDM_VID, batch.extended(None, fdm))
-    if commit:
-        _observe_provisional_many(sessions, xs, actions, batch if batch.rows == first.rows else None)
-    return estimates
-
-
-class _Batch:
-    """The first ``rows`` rows of each session stacked on the batch dim: session i owns rows i*rows .. i*rows+rows-1.
-
-    Keys/values are padded to the longest cache with PAD tokens (segment -1); the attention rule lets no real query
-    see a key of another segment, so padding changes nothing for real tokens. Instructions of different lengths are
-    zero-padded and masked out of the text cross-attention the same way.
-    """
-
-    def __init__(self, sessions: list[Session], rows: int):
-        first = sessions[0]
-        self.model, self.window, self.rows = first.model, first.window, rows
-        ctx = [s.context[:rows] for s in sessions]  # (rows, T_i, d_v) each
-        T = max(x.shape[1] for x in ctx)
-        self.context_BTd = torch.cat([F.pad(x, (0, 0, 0, T - x.shape[1])) for x in ctx])
-        self.text_mask_BT = None  # None when no instruction is padded: the per-session call runs unmasked too
-        if any(x.shape[1] != T for x in ctx):
-            arange = torch.arange(T, device=first.device)
-            self.text_mask_BT = torch.cat([(arange < x.shape[1]).expand(rows, T) for x in ctx])
-        self.cache = _stack_caches([s._cache_rows(rows) for s in sessions])
-
-    def run(self, video: Tokens | None, action: Tokens | None, cache: KVCache | None = None,
-            return_kv: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
-        """One model pass of the stacked new tokens against ``cache`` (default: the stacked session caches)."""
-        ctx_mask = None
-        if self.text_mask_BT is not None and video is not None:  # only the video stream cross-attends to text
-            ctx_mask = self.text_mask_BT[:, None, :].expand(-1, video.length, -1)
-        return self.model.run(video, action, self.context_BTd, ctx_mask, cache=self.cache if cache is None else cache,
-                              return_kv=return_kv, window_chunks=self.window)
-
-    def extended(self, video: Tokens | None, action: Tokens | None) -> KVCache:
-        """The stacked cache with temporary clean tokens appended (``Session._extend`` for every session at once)."""
-        _, _, kv = self.run(video, action, return_kv=True)
-        ext = KVCache(len(kv))
-        ext.k, ext.v, ext.meta = list(self.cache.k), list(self.cache.v), self.cache.meta
-        ext.append(kv, TokenMeta.cat([t.meta for t in (video, action) if t is not None]))
-        return ext
-
-    def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-session rows of a batched output."""
-        return out.split(self.rows)
+    return _imagine(sessions, actions, commit)
 
 
 def _check_batchable(sessions: list[Session], what: str, same_chunk_size: bool) -> Session:
@@ -500,69 +312,30 @@ def _check_batchable(sessions: list[Session], what: str, same_chunk_size: bool) 
     return first
 
 
-def _stack(items: list[Tokens]) -> Tokens:
-    """Tokens of equal length (one per session) stacked on the batch dim."""
-    meta = TokenMeta(*(torch.cat([getattr(t.meta, f) for t in items]) for f in ("chunk", "kind", "seg")))
-    return Tokens(torch.cat([t.x for t in items]), torch.cat([t.t for t in items]), torch.cat([t.pos for t in items]),
-                  meta)
-
-
-def _stack_caches(caches: list[KVCache]) -> KVCache:
-    """Caches stacked on the batch dim, each right-padded to the longest with zero keys/values and PAD metadata."""
-    L = max(c.length for c in caches)
-    out = KVCache(len(caches[0].k))
-    for i in range(len(out.k)):
-        # keys/values (B, L, H, D): pad dim 1 at its end
-        out.k[i] = torch.cat([F.pad(c.k[i], (0, 0, 0, 0, 0, L - c.length)) for c in caches])
-        out.v[i] = torch.cat([F.pad(c.v[i], (0, 0, 0, 0, 0, L - c.length)) for c in caches])
-    out.meta = TokenMeta(*(torch.cat([F.pad(getattr(c.meta, f), (0, L - c.length), value=fill) for c in caches])
-                           for f, fill in (("chunk", 0), ("kind", PAD), ("seg", -1))))
-    return out
-
-
-def _denoise_video_many(sessions: list[Session], batch: _Batch, xs: list[torch.Tensor], K: int, kind: int,
-                        cache: KVCache | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``Session._denoise_video`` for every session, from the given noise (K, C, H, W) each."""
+def _imagine(sessions: list[Session], actions: list[torch.Tensor], commit: bool) -> list[torch.Tensor]:
+    """The FDM pass of checked sessions on checked action chunks; with ``commit`` its outcome enters them
+    provisionally (as ``observe(x, actions, noise_level=s_end, provisional=True)``)."""
     first = sessions[0]
-    H, W = first.size
-    grid = torch.linspace(0.0, first.video_s_end, first.video_steps + 1).tolist()
-    estimates = list(xs)
-    for s0, s1 in itertools.pairwise(grid):
-        tok = _stack([s._video(x, s0, 2 * s.num_chunks, kind, s.next_frame, batch.rows)
-                      for s, x in zip(sessions, xs, strict=True)])
-        out_v, _, _ = batch.run(tok, None, cache)
-        u = first.model.unpatchify(out_v.float(), K, H, W)
-        velocities = [-s._guided(u_s, s.video_cfg)[0] for s, u_s in zip(sessions, batch.split(u), strict=True)]
-        estimates = [x + (1.0 - s0) * v for x, v in zip(xs, velocities, strict=True)]
-        xs = [x + (s1 - s0) * v for x, v in zip(xs, velocities, strict=True)]
-    return xs, estimates
+    batch = Batch(sessions, cfg_rows(first.video_cfg))
+    xs, estimates = imagine_chunks(batch, actions)
+    if commit:
+        _observe(sessions, xs, actions, first.video_s_end, True, batch)
+    return estimates
 
 
-def _predict_actions_reactive_many(sessions: list[Session], K: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``Session._predict_actions_reactive`` for every session (actions from the history alone, no video)."""
+def _observe(sessions: list[Session], latents: list[torch.Tensor], actions: list[torch.Tensor | None],
+             noise_level: float, provisional: bool, batch: Batch | None = None) -> None:
+    """``s.observe(z, a, noise_level=noise_level, provisional=provisional)`` for every session (provisional entries
+    already dropped where due), with one model pass; ``batch`` is reused if it holds the sessions' full rows."""
+    obs = [s._observation(z, a, noise_level) for s, z, a in zip(sessions, latents, actions, strict=True)]
+    kvs: list[list | None] = [None] * len(sessions)
     first = sessions[0]
-    c = first.config
-    actions = [s._action_noise(K * c.tau) for s in sessions]
-    rows = 2 if first.action_cfg != 1.0 else 1
-    batch = _Batch(sessions, rows)
-    grid = torch.linspace(0.0, 1.0, first.action_steps + 1).tolist()
-    for s0, s1 in itertools.pairwise(grid):
-        tok = _stack([s._action(a, s0, 2 * s.num_chunks + 1, FDM_ACT, s.next_frame - 1, rows)
-                      for s, a in zip(sessions, actions, strict=True)])
-        _, out_a, _ = batch.run(None, tok)
-        actions = [a + (s1 - s0) * -s._guided(o.float(), s.action_cfg)[0]
-                   for s, a, o in zip(sessions, actions, batch.split(out_a), strict=True)]
-    H, W = first.size
-    return [(torch.zeros(0, c.latent_channels, H, W, device=s.device), a * s.action_mask.to(a.dtype))
-            for s, a in zip(sessions, actions, strict=True)]
-
-
-def _observe_provisional_many(sessions: list[Session], latents: list[torch.Tensor], actions: list[torch.Tensor],
-                              batch: _Batch | None) -> None:
-    """``s.observe(z, a, noise_level=s_end, provisional=True)`` for every session, with one batched pass."""
-    obs = [s._observation(z, a, s.video_s_end) for s, z, a in zip(sessions, latents, actions, strict=True)]
-    batch = batch or _Batch(sessions, sessions[0].rows)
-    _, _, kv = batch.run(_stack([v for v, _, _ in obs]), _stack([a for _, a, _ in obs]), return_kv=True)
-    R = batch.rows
-    for i, (s, (video, action, frames)) in enumerate(zip(sessions, obs, strict=True)):
-        s._append(video, action, [(k[i * R:(i + 1) * R], v[i * R:(i + 1) * R]) for k, v in kv], frames, True)
+    if first.use_cache:
+        if batch is None or batch.rows != first.rows:
+            batch = Batch(sessions, first.rows)
+        action = None if obs[0][1] is None else Tokens.stack([a for _, a, _ in obs])
+        _, _, kv = batch.run(Tokens.stack([v for v, _, _ in obs]), action, return_kv=True)
+        R = batch.rows
+        kvs = [[(k[i * R:(i + 1) * R], v[i * R:(i + 1) * R]) for k, v in kv] for i in range(len(sessions))]
+    for s, (video, action, frames), kv in zip(sessions, obs, kvs, strict=True):
+        s._append(video, action, kv, frames, provisional)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import LingBotConfig
+from model.lingbot_va import LingBotVA
 
 # (diffusers pattern, our replacement); applied in order, first match wins
 _RENAMES: list[tuple[str, str]] = [
@@ -117,10 +118,8 @@ def read_wan_directory(path: str | os.PathLike) -> tuple[dict, dict[str, torch.T
     return config, state
 
 
-def from_wan_pretrained(path: str | os.PathLike, **config_overrides):
+def from_wan_pretrained(path: str | os.PathLike, **config_overrides) -> LingBotVA:
     """Build LingBot-VA from a local diffusers Wan2.2 transformer directory (or a pipeline root with transformer/)."""
-    from model.lingbot_va import LingBotVA
-
     wan_config, state = read_wan_directory(path)
     model = LingBotVA(config_from_wan(wan_config, **config_overrides))
     return load_wan_transformer(model, state)
