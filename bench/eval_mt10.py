@@ -15,15 +15,19 @@ reports (``eval-<task>.json``: the same rollouts, held-out seed 1, written by `l
 least ``--episodes`` episodes of the sync mode, instead of rolling the same episodes out a second time.
 
 Usage: .venv/bin/python bench/eval_mt10.py [--episodes 20] [--max-steps 300] [--reports data/metrics]
-       [--async-tasks reach-v3,drawer-close-v3] [--skip-variants]
+       [--async-tasks reach-v3,drawer-close-v3] [--skip-variants] [--only demos_10,...]
+``--only`` reruns the named parts and merges them into the existing --out (same episodes, steps and seed), e.g. the
+10-demo models once `bench/train_variants.sh demos10 reactive-demos10` has trained them; each part records when it ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +63,28 @@ def summary(per_task: dict) -> dict:
             "per_task": {k: v["success_rate"] for k, v in per_task.items()}, "detail": per_task}
 
 
+PARTS = ("world_model", "baseline", "demos_10", "blind_replay", "async_vs_sync")
+
+
+def difference(a: dict | None, b: dict | None) -> dict | None:
+    """a − b in success rate over the tasks both cover, pooled over their episodes, with its standard error.
+
+    Both policies ran on the same held-out episodes, so a paired (per-episode) test would be tighter; pooling the
+    per-task rates gives the conservative, unpaired standard error sqrt(pa(1-pa)/n + pb(1-pb)/n).
+    """
+    if not a or not b or not a.get("per_task") or not b.get("per_task"):
+        return None
+    common = sorted(set(a["per_task"]) & set(b["per_task"]))
+    if not common:
+        return None
+    n = sum(a["detail"][t]["episodes"] for t in common)
+    pa = sum(a["per_task"][t] * a["detail"][t]["episodes"] for t in common) / n
+    pb = sum(b["per_task"][t] * b["detail"][t]["episodes"] for t in common) / n
+    se = math.sqrt(pa * (1 - pa) / n + pb * (1 - pb) / n)
+    return {"tasks": common, "episodes": n, "diff": round(pa - pb, 4), "stderr": round(se, 4),
+            "per_task": {t: round(a["per_task"][t] - b["per_task"][t], 4) for t in common}}
+
+
 def main() -> None:
     from pipelines.data.metaworld_collect import MT10
 
@@ -76,24 +102,37 @@ def main() -> None:
                         help="collected demos: the blind-replay baseline replays demo 0 of each task")
     parser.add_argument("--no-blind-replay", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_mt10.json")
+    parser.add_argument("--only", default="",
+                        help="comma-separated parts to (re)run, merged into an existing --out: world_model, baseline, "
+                             "demos_10, blind_replay, async_vs_sync (default: all; the other parts are kept as they are)")
     args = parser.parse_args()
     tasks = [t for t in args.tasks.split(",") if t]
+    parts = {p for p in args.only.split(",") if p} or set(PARTS)
+    if unknown := parts - set(PARTS):
+        parser.error(f"--only: unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    if args.skip_variants:
+        parts -= {"baseline", "demos_10"}
+    if args.no_blind_replay:
+        parts.discard("blind_replay")
+    if not args.async_tasks:
+        parts.discard("async_vs_sync")
     common = {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers}
-    result: dict = {"machine": f"{platform.machine()}, CPU", "episodes_per_task": args.episodes,
-                    "max_steps": args.max_steps, "eval_seed": 1, "mode": "sync", "demos_per_task": 50}
+    header = {"machine": f"{platform.machine()}, CPU", "episodes_per_task": args.episodes,
+              "max_steps": args.max_steps, "eval_seed": 1, "mode": "sync", "demos_per_task": 50}
+    result: dict = {**header, "demos_10": {"demos_per_task": 10}}
+    if args.only and args.out.is_file():
+        result = json.loads(args.out.read_text())
+        kept = {k: result.get(k) for k in header if k != "machine"}
+        if kept != {k: v for k, v in header.items() if k != "machine"}:
+            parser.error(f"--only merges into {args.out}, which was run with {kept}: rerun every part instead")
     t0 = time.perf_counter()
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     variants = {"world_model": "", "baseline": "-reactive"}
     low_data = {"world_model": "-demos10", "baseline": "-reactive-demos10"}
-    result["demos_10"] = {"demos_per_task": 10}
-    plan = [*variants.items(), *((f"demos_10.{k}", v) for k, v in low_data.items())]
-    for key, _ in plan[1:] if args.skip_variants else []:
-        skipped = {"status": "not run (--skip-variants); train them with bench/train_variants.sh"}
-        if key.startswith("demos_10."):
-            result["demos_10"][key.split(".", 1)[1]] = skipped
-        else:
-            result[key] = skipped
-    for key, suffix in plan[:1] if args.skip_variants else plan:
-        per_task, missing = {}, []
+    plan = [(k, v) for k, v in variants.items() if k in parts]
+    plan += [(f"demos_10.{k}", v) for k, v in low_data.items() if "demos_10" in parts]
+    for key, suffix in plan:
+        per_task, missing, t_part = {}, [], time.perf_counter()
         for task in tasks:
             model_dir = args.runs / f"posttrain-{task}{suffix}" / "model"
             if not (model_dir / "config.json").is_file():
@@ -102,23 +141,31 @@ def main() -> None:
             reused = from_report(args.reports, task, args.episodes) if key == "world_model" else None
             per_task[task] = reused or run(model_dir, task, **common)
             print(key, task, per_task[task]["success_rate"], flush=True)
-        entry = {**summary(per_task), "missing": missing}
+        entry = {**summary(per_task), "missing": missing, "evaluated_at": stamp,
+                 "wall_s": round(time.perf_counter() - t_part, 1)}
         if missing:
             entry["status"] = f"no post-trained model for {len(missing)} of {len(tasks)} tasks under {args.runs}"
         if key.startswith("demos_10."):
-            result["demos_10"][key.split(".", 1)[1]] = entry
+            result.setdefault("demos_10", {"demos_per_task": 10})[key.split(".", 1)[1]] = entry
         else:
             result[key] = entry
-    if not args.no_blind_replay:
+    if "blind_replay" in parts:
         from functools import partial
 
         from pipelines.evaluate.replay import ReplayPolicy
 
-        per_task = {}
+        per_task, t_part = {}, time.perf_counter()
         for task in tasks:
             per_task[task] = run(partial(ReplayPolicy, args.episodes_dir), task, **common)
             print("blind_replay", task, per_task[task]["success_rate"], flush=True)
-        result["blind_replay"] = {**summary(per_task), "demo": 0, "episodes_dir": str(args.episodes_dir)}
+        result["blind_replay"] = {**summary(per_task), "demo": 0, "episodes_dir": str(args.episodes_dir),
+                                  "evaluated_at": stamp, "wall_s": round(time.perf_counter() - t_part, 1)}
+    result["world_model_minus_baseline"] = difference(result.get("world_model"), result.get("baseline"))
+    result["demos_10"]["world_model_minus_baseline"] = difference(result["demos_10"].get("world_model"),
+                                                                  result["demos_10"].get("baseline"))
+    if "async_vs_sync" not in parts:
+        finish(result, args.out, t0)
+        return
     sync_async = {}
     for task in [t for t in args.async_tasks.split(",") if t]:
         fdm_dir = args.runs / f"posttrain-{task}-fdm" / "model"
@@ -133,11 +180,17 @@ def main() -> None:
         sync_async[task]["wall_time_speedup"] = s["episode_wall_s"] / a["episode_wall_s"]
         print("async vs sync", task, json.dumps({m: sync_async[task][m]["success_rate"] for m in ("sync", "async")}),
               round(sync_async[task]["wall_time_speedup"], 2), flush=True)
-    result["async_vs_sync"] = {"control_rate_hz": 80.0, "episodes_per_task": args.async_episodes, "per_task": sync_async}
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result["async_vs_sync"] = {"control_rate_hz": 80.0, "episodes_per_task": args.async_episodes, "per_task": sync_async,
+                               "evaluated_at": stamp}
+    finish(result, args.out, t0)
+
+
+def finish(result: dict, out: Path, t0: float) -> None:
+    result["wall_s"] = round(time.perf_counter() - t0, 1)  # this invocation's; each part records its own
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result.get(k, {}).get("avg_success") for k in ("world_model", "baseline", "blind_replay")}))
+    print("10 demos:", json.dumps(result["demos_10"].get("world_model_minus_baseline")))
 
 
 if __name__ == "__main__":
