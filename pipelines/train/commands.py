@@ -28,6 +28,8 @@ _FLAGS = {  # CLI flag -> (type, help); unset flags fall back to LINGBOT_TRAIN_*
     "ema_decay": (float, "EMA of the weights saved as the model (0: the last trained weights)"),
     "seed": (int, "seed"),
     "demos": (int, "train on the first N demos of each task (e.g. 10)"),
+    "exclude_tasks": (lambda v: [t for t in v.split(",") if t], "pretraining: comma-separated tasks to leave out "
+                      "(held-out-task runs)"),
     "objective": (str, "world_model (default) | reactive (the baseline)"),
     "tracking_uri": (str, "MLflow tracking URI"),
     "max_steps_this_run": (int, "stop after this many steps (resume later)"),
@@ -54,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p = stages.add_parser(stage, help=help_, description=help_ + ". Unset flags fall back to LINGBOT_TRAIN_* "
                               "environment variables / .env, then to the defaults shown.")
         for name, (typ, flag_help) in _FLAGS.items():
-            if stage == "pretrain" and name in ("task", "init_from"):
+            if (stage, name) in (("pretrain", "task"), ("pretrain", "init_from"), ("posttrain", "exclude_tasks")):
                 continue
             if stage == "posttrain" and name in ("task", "init_from"):
                 detail = f"required: the flag or $LINGBOT_TRAIN_{name.upper()}"
@@ -72,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
         resume.add_argument("--resume-if-present", dest="resume", action="store_const", const="auto",
                             help="continue from the latest checkpoint if there is one, else start (restartable pods)")
-        p.set_defaults(func=run, task=None, init_from=None)
+        p.set_defaults(func=run, task=None, init_from=None, exclude_tasks=None)
 
 
 def _validation_message(err) -> str:

@@ -54,6 +54,9 @@ class TrainSettings(BaseSettings):
     activation_checkpointing: bool = Field(False, description="recompute each MoT layer in backward")
     fdm_loss_weight: float | None = Field(None, ge=0.0, description="L_fdm weight (stage default: 0 / 1)")
     demos: int | None = Field(None, ge=1, description="train on the first N demos of each task (low-data runs)")
+    exclude_tasks: list[str] = Field(
+        [], description="pretraining: leave these tasks' episodes out, so a low-data post-training of one of them "
+                        "starts from a model that never saw it (held-out-task runs)")
     objective: Literal["world_model", "reactive"] = Field(
         "world_model", description="world_model (the paper) or reactive (the baseline: actions from observations only)")
     episode_start_prob: float = Field(
@@ -86,6 +89,8 @@ class TrainSettings(BaseSettings):
             object.__setattr__(self, "warmup_steps", min(self.warmup_steps, self.steps // 5))
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.exclude_tasks and self.stage != "pretrain":
+            raise ValueError("exclude_tasks is for pretraining (post-training trains on its one --task)")
         if self.stage == "posttrain":
             if not self.task:
                 raise ValueError("posttrain needs --task (the task whose demos it trains on)")
@@ -94,6 +99,10 @@ class TrainSettings(BaseSettings):
         if self.warmup_steps >= self.steps and self.steps > 1:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
+
+    def trains_on(self, task: str) -> bool:
+        """Whether this run's data holds ``task``'s episodes."""
+        return self.task in (None, task) and task not in self.exclude_tasks
 
     @property
     def run_name(self) -> str:

@@ -38,7 +38,7 @@ def model_metadata(settings: TrainSettings, index: dict) -> tuple[dict, dict, di
     """(normalization, action_space, extra) stored in the model directory, so serving needs nothing else."""
     from pipelines.data.features import FeatureRepo, read_features, snapshot
 
-    tasks = sorted({e["task"] for e in index["episodes"] if settings.task in (None, e["task"])})
+    tasks = sorted({e["task"] for e in index["episodes"] if settings.trains_on(e["task"])})
     embodiments = sorted({e["embodiment"] for e in index["episodes"] if e["task"] in tasks})
     try:
         repo = FeatureRepo(data_dir=settings.feast)
@@ -79,7 +79,7 @@ def encoder_files(settings: TrainSettings, index: dict):
 
     def write(directory: Path) -> None:
         text = load_file(str(settings.latents / "text.safetensors"))
-        tasks = sorted({e["task"] for e in index["episodes"] if settings.task in (None, e["task"])})
+        tasks = sorted({e["task"] for e in index["episodes"] if settings.trains_on(e["task"])})
         save_file({t: text[t].contiguous() for t in tasks if t in text}, str(directory / TEXT_FILE))
         load_vae(settings.latents, index).save_pretrained(directory / VAE_DIR)
 
@@ -92,7 +92,7 @@ def example_observation(settings: TrainSettings, index: dict) -> dict[str, np.nd
     under ``<data_dir>/episodes`` (e.g. a pod that only has the latents)."""
     from pipelines.data.lerobot.reader import LeRobotDataset
 
-    entries = [e for e in index["episodes"] if settings.task in (None, e["task"]) and e.get("split") == "train"]
+    entries = [e for e in index["episodes"] if settings.trains_on(e["task"]) and e.get("split") == "train"]
     if not entries:
         return None
     entry = entries[0]

@@ -144,8 +144,11 @@ def train(settings: TrainSettings, *, resume: bool | str = False, progress: bool
     if not index_file.is_file():
         raise ValueError(f"missing data: {index_file} not found; run `lingbot data encode` (or `make data`) first")
     index = json.loads(index_file.read_text())
+    tasks = sorted({e["task"] for e in index["episodes"] if settings.trains_on(e["task"])})
+    if not tasks:
+        raise ValueError(f"no task left to train on in {index_file} (task {settings.task}, "
+                         f"exclude_tasks {settings.exclude_tasks})")
     rank, world = _init_distributed()
-    tasks = [settings.task] if settings.stage == "posttrain" else None
     fdm = settings.fdm_loss_weight > 0
     loader = PackedWindows(settings.latents, "train", token_budget=settings.token_budget, rows=settings.rows, fdm=fdm,
                            seed=settings.seed, tasks=tasks, max_per_task=settings.demos,

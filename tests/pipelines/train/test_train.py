@@ -238,11 +238,27 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_registered_model(data):
         pytest.param(["train", "pretrain", "--lr", "0"], "lr must be > 0", id="lr-zero"),
         pytest.param(["train", "pretrain", "--data-dir", "/nonexistent"], "missing data", id="missing-data"),
         pytest.param(["train", "posttrain", "--init-from", "x"], "needs --task", id="posttrain-no-task"),
+        pytest.param(["train", "pretrain", "--preset", "tiny", "--exclude-tasks", "task-a,task-b", "--data-dir", "DATA"],
+                     "no task left to train on", id="every-task-excluded"),
     ],
 )
-def test_bad_settings_fail_fast(argv, message, capsys):
+def test_bad_settings_fail_fast(argv, message, capsys, request):
+    if "DATA" in argv:
+        argv = [str(request.getfixturevalue("data")) if a == "DATA" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_pretraining_leaves_excluded_tasks_out(data):
+    """A held-out-task pretraining never sees the excluded task: not in its data, its tasks or its text embeddings."""
+    from safetensors.torch import load_file
+
+    cli(*train_args(data, "heldout", "--steps", "2", "--exclude-tasks", "task-b", "--no-register"))
+    model = data / "runs" / "heldout" / "model"
+    assert json.loads((model / "config.json").read_text())["action_space"]["tasks"] == ["task-a"]
+    assert set(load_file(str(model / "text_embeddings.safetensors"))) == {"task-a"}
+    with pytest.raises(SystemExit):  # post-training trains on one task: the flag is not offered there
+        main(["train", "posttrain", "--task", "task-b", "--init-from", str(model), "--exclude-tasks", "task-a"])
 
 
 def test_unknown_stage_is_rejected(capsys):
