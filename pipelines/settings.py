@@ -161,24 +161,25 @@ def _origin(env: str, default: Any) -> str:
 
 def add_settings_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type[BaseSettings], *,
                        fields: Iterable[str] | None = None, exclude: Iterable[str] = (),
-                       aliases: Mapping[str, Sequence[str]] | None = None,
+                       flags: Mapping[str, Sequence[str]] | None = None,
                        defaults: Mapping[str, Any] | None = None) -> tuple[str, ...]:
     """One flag per field of ``cls`` (``fields``, default all, less ``exclude``): ``--max-batch-size`` for
-    ``max_batch_size``, plus any option strings in ``aliases``; help is the field's description and where an unset
-    flag's value comes from (its variable, else ``defaults[name]`` as shown, or the field's default).
+    ``max_batch_size``, or the option strings ``flags[name]`` (a bool gets ``--no-...`` of each); help is the field's
+    description and where an unset flag's value comes from (its variable, else ``defaults[name]`` as shown, or the
+    field's default).
 
     Every flag defaults to None, so ``settings_from_flags`` passes on only the flags given; the environment, ``.env``
     and the class's defaults decide the rest. Returns the field names that got a flag.
     """
-    aliases, defaults = aliases or {}, defaults or {}
+    flags, defaults = flags or {}, defaults or {}
     names = tuple(n for n in (cls.model_fields if fields is None else fields) if n not in set(exclude))
     for name in names:
         field = cls.model_fields[name]
         default = defaults.get(name, None if field.default is PydanticUndefined else field.default)
         env = env_names(cls, name, field)[0]
         text = f"{field.description or name} {_origin(env, default)}".replace("%", "%%")  # argparse %-formats help
-        parser.add_argument(f"--{name.replace('_', '-')}", *aliases.get(name, ()), dest=name, default=None,
-                            help=text, **_flag_type(field.annotation))
+        parser.add_argument(*flags.get(name, [f"--{name.replace('_', '-')}"]), dest=name, default=None, help=text,
+                            **_flag_type(field.annotation))
     return names
 
 

@@ -15,7 +15,7 @@ IMPORT = ("data_dir",)
 PREPARE = ("data_dir", "val_fraction", "seed", "min_latent_frames", "preset", "text_encoder_path")
 TRAIN_VAE = ("data_dir", "tracking_uri", "preset")
 ENCODE = ("data_dir", "preset", "vae_path", "shard_episodes")
-ALIASES = {"text_encoder_path": ["--text-encoder"], "vae_path": ["--vae"]}
+FLAGS = {"text_encoder_path": ["--text-encoder"], "vae_path": ["--vae"]}
 
 
 def _folders(parser: argparse.ArgumentParser, **folders: tuple[str, str]) -> None:
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=import_lerobot)
 
     p = data.add_parser("prepare", help="validate, split, fit normalisation, publish features")
-    add_settings_flags(p, DataSettings, fields=PREPARE, aliases=ALIASES)
+    add_settings_flags(p, DataSettings, fields=PREPARE, flags=FLAGS)
     _folders(p, episodes_dir=("LeRobot datasets to prepare", "episodes"),
              out=("splits, stats, quarantine report", "prepared"),
              feast_dir=("feature store data (published features)", "feast"))
@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=train_vae)
 
     p = data.add_parser("encode", help="VAE latent shards + text embeddings (run under torchrun for N ranks)")
-    add_settings_flags(p, DataSettings, fields=ENCODE, aliases=ALIASES)
+    add_settings_flags(p, DataSettings, fields=ENCODE, flags=FLAGS)
     _folders(p, episodes_dir=("collected LeRobot datasets", "episodes"),
              prepared_dir=("the prepare step's splits and stats", "prepared"),
              feast_dir=("feature store data", "feast"), out=("latent shards + index.json", "latents"))

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         # the subcommand is the stage; pretraining takes no task and starts from scratch
         exclude = ("stage",) if stage == "posttrain" else ("stage", "task", "init_from")
         required = {"task": "required", "init_from": "required"} if stage == "posttrain" else {}
-        add_settings_flags(p, TrainSettings, exclude=exclude, aliases={"register_model": ["--register"]},
+        add_settings_flags(p, TrainSettings, exclude=exclude, flags={"register_model": ["--register"]},
                            defaults={**STAGE_DEFAULTS[stage], **required})
         resume = p.add_mutually_exclusive_group()
         resume.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")

@@ -95,7 +95,7 @@ class _Probe(PlatformSettings):
 
 def _parser(**kw) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probe")
-    added = add_settings_flags(parser, _Probe, exclude=("secret", "items"), aliases={"on": ["--switch"]}, **kw)
+    added = add_settings_flags(parser, _Probe, exclude=("secret", "items"), flags={"on": ["--switch", "-s"]}, **kw)
     assert added == ("data_dir", "tracking_uri", "count", "ratio", "kind", "on")
     return parser
 
@@ -104,7 +104,7 @@ def test_flags_from_a_settings_class(monkeypatch):
     help_ = " ".join(_parser(defaults={"ratio": 0.5}).format_help().split())
     assert "--count COUNT a count, 100% of it [$PROBE_COUNT, else 3]" in help_
     assert "--ratio RATIO unset means the stage's [$PROBE_RATIO, else 0.5]" in help_
-    assert "--kind {a,b}" in help_ and "--on, --no-on, --switch, --no-switch a switch [$PROBE_ON, else true]" in help_
+    assert "--kind {a,b}" in help_ and "--switch, --no-switch, -s a switch [$PROBE_ON, else true]" in help_
     assert "[$PROBE_DATA_DIR]" not in help_ and "[$PROBE_TRACKING_URI]" in help_
     monkeypatch.setenv("PROBE_COUNT", "7")
     monkeypatch.setenv("PROBE_ON", "false")
@@ -112,9 +112,10 @@ def test_flags_from_a_settings_class(monkeypatch):
     assert settings_from_flags(_Probe, _parser().parse_args([])).count == 7
     settings = settings_from_flags(_Probe, _parser().parse_args(["--count", "9", "--switch", "--kind", "b"]))
     assert (settings.count, settings.on, settings.kind) == (9, True, "b")
-    assert settings_from_flags(_Probe, _parser().parse_args(["--no-on"]), kind="b").kind == "b"  # fixed values
-    with pytest.raises(SystemExit):
-        _parser().parse_args(["--kind", "c"])
+    assert settings_from_flags(_Probe, _parser().parse_args(["--no-switch"]), kind="b").kind == "b"  # fixed values
+    for wrong in (["--kind", "c"], ["--on"]):  # not a choice; a flag renamed by ``flags``
+        with pytest.raises(SystemExit):
+            _parser().parse_args(wrong)
 
 
 def test_an_invalid_flag_is_one_line_naming_it():
