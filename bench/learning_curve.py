@@ -62,7 +62,7 @@ def main() -> None:
     if run_id:
         import mlflow
 
-        from pipelines.train.registry import default_tracking_uri
+        from pipelines.settings import default_tracking_uri
 
         uri = args.tracking_uri or default_tracking_uri(REPO / "data")
         client = mlflow.MlflowClient(tracking_uri=uri)

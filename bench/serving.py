@@ -325,7 +325,8 @@ def log_mlflow(result: dict, plot: Path, data_dir: Path) -> str:
     """The figures and the plot as one run of experiment ``lingbot-bench-serving`` in the local tracking store."""
     import mlflow
 
-    from pipelines.train.registry import default_tracking_uri, ensure_experiment
+    from pipelines.settings import default_tracking_uri
+    from pipelines.tracking_store import ensure_experiment
 
     mlflow.set_tracking_uri(default_tracking_uri(data_dir))
     with mlflow.start_run(experiment_id=ensure_experiment("lingbot-bench-serving", data_dir),

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.settings import REPO_ROOT
+from pipelines.settings import REPO_ROOT, default_tracking_uri
 from services.policy_server.process import ServerProcess, free_port
 
 DEFAULT_PARAMS = Path(__file__).with_name("demo_params.yaml")
@@ -316,7 +316,7 @@ def champion(workspace: Path, task: str) -> str | None:
     """Version behind ``models:/lingbot-va-<task>@champion`` in the workspace's registry, or None."""
     import mlflow
 
-    from pipelines.train.registry import default_tracking_uri, registered_name_for
+    from pipelines.train.registry import registered_name_for
 
     client = mlflow.MlflowClient(tracking_uri=default_tracking_uri(workspace / "data"))
     try:

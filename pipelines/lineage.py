@@ -150,7 +150,7 @@ def pipeline_parent(versions: Mapping[str, DataVersion], data_dir: Path) -> str 
     the latents' hash (created on first use); None without latents to key it on."""
     import mlflow
 
-    from pipelines.train.registry import ensure_experiment
+    from pipelines.tracking_store import ensure_experiment
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]

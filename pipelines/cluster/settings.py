@@ -14,8 +14,9 @@ from typing import Annotated
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pipelines.settings import parse_model_uri
+
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_MODEL_URI = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_-]+|/[0-9]+)")
 
 
 class Toleration(BaseModel):
@@ -173,7 +174,7 @@ class ClusterSettings(BaseSettings):
     @field_validator("base_model")
     @classmethod
     def _registry_uri(cls, value: str) -> str:
-        if not _MODEL_URI.fullmatch(value):
+        if parse_model_uri(value) is None:
             raise ValueError(f"base_model {value!r} must be models:/<name>@<alias> or models:/<name>/<version>")
         return value
 

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines.data.encode import episode_frames, list_episodes
+from pipelines.settings import default_tracking_uri
 
 TAU = 4  # the Wan VAE's temporal compression: clips are 1 + 4k frames
 
@@ -213,7 +214,7 @@ class _Tracker:
     def __init__(self, cfg, tracking_uri, data_dir, episodes, frame_shape):
         import mlflow
 
-        from pipelines.train.registry import default_tracking_uri, ensure_experiment
+        from pipelines.tracking_store import ensure_experiment
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri or default_tracking_uri(data_dir))

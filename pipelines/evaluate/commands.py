@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from pipelines.evaluate.settings import EvalSettings, GateSettings
+from pipelines.settings import PlatformSettings, add_settings_flags, settings_from_flags
+
 QUICK_EPISODES = 5
 
 
@@ -14,24 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--model", required=True, help="models:/lingbot-va-<task>@challenger, models:/<name>/<version> "
                                                    "or a model directory")
     ev.add_argument("--task", action="append", required=True, help="Meta-World task (repeat for several)")
-    ev.add_argument("--mode", choices=["sync", "async"], default="sync", help="Algorithm 1 (sync) or 2 (async, FDM)")
-    ev.add_argument("--episodes", type=int, default=50, help="episodes per task (one per goal position)")
     ev.add_argument("--quick", action="store_true", help=f"{QUICK_EPISODES} episodes per task")
-    ev.add_argument("--workers", type=int, default=2, help="parallel environment processes")
-    ev.add_argument("--max-steps", type=int, default=None, help="episode horizon (default: the env's 500)")
-    ev.add_argument("--eval-seed", type=int, default=1, help="benchmark seed of the goal positions (demos use 0)")
-    ev.add_argument("--control-rate-hz", type=float, default=None, help="pace the env in real time (wall-time runs)")
-    ev.add_argument("--videos", type=int, default=1, help="rollout videos per task (real next to imagined)")
-    ev.add_argument("--failure-videos", type=int, default=2,
-                    help="also film the first N failed episodes per task after those (logged with the gate run)")
     ev.add_argument("--out", type=Path, default=None,
                     help="write the report JSON here (dvc metrics), and beside it <name>.csv (success per task) and "
                          "<name>-latency.csv (planning latency per task) for dvc plots")
     ev.add_argument("--no-gate", dest="gate", action="store_false", help="report only; never touch the registry")
     ev.add_argument("--no-fail", action="store_true",
                     help="exit 0 when the gate rejects (the decision is in the report and MLflow); for pipelines")
-    ev.add_argument("--data-dir", type=Path, default=None, help="data root (MLflow store, downloaded models)")
-    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under the data dir)")
+    add_settings_flags(ev, EvalSettings)
     ev.set_defaults(func=evaluate_command)
 
     pr = sub.add_parser("promote", help="show or move registry aliases by hand (champion, rollback)",
@@ -47,16 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--rollback", action="store_true", help="restore previous-champion as champion")
     pr.add_argument("--alias", default="champion", help="alias that --version moves (default: champion; moving "
                                                         "champion keeps the old one as previous-champion)")
-    pr.add_argument("--data-dir", type=Path, default=None, help="data root (MLflow store)")
-    pr.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite under the data dir)")
+    add_settings_flags(pr, GateSettings, fields=PlatformSettings.model_fields)  # the registry, not the rule
     pr.set_defaults(func=promote_command)
-
-
-def _settings(args: argparse.Namespace):
-    from pipelines.evaluate.gate import GateSettings
-
-    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("tracking_uri", args.tracking_uri)) if v is not None}
-    return GateSettings(**overrides)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -64,18 +49,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pipelines.evaluate.rollout import evaluate, plot_csv, table
-    from pipelines.train.registry import resolve_model
+    from pipelines.tracking_store import resolve_model
 
-    settings = _settings(args)
-    mlflow.set_tracking_uri(settings.uri)
+    settings = settings_from_flags(EvalSettings, args)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
     model_dir, name, version = resolve_model(args.model, settings.data_dir)
-    episodes = QUICK_EPISODES if args.quick else args.episodes
-    video_dir = settings.data_dir / "eval" / (f"{name}-v{version}" if name else Path(model_dir).name) / args.mode
-    bar = tqdm(total=episodes * len(args.task), desc=f"evaluate[{args.mode}]", unit="ep", disable=None)
-    report = evaluate(model_dir, args.task, episodes=episodes, mode=args.mode, eval_seed=args.eval_seed,
-                      workers=args.workers, max_steps=args.max_steps, control_rate_hz=args.control_rate_hz,
-                      videos_per_task=args.videos, failure_videos_per_task=args.failure_videos, video_dir=video_dir,
-                      progress=lambda _r: bar.update(1))
+    episodes = QUICK_EPISODES if args.quick else settings.episodes
+    video_dir = settings.data_dir / "eval" / (f"{name}-v{version}" if name else Path(model_dir).name) / settings.mode
+    bar = tqdm(total=episodes * len(args.task), desc=f"evaluate[{settings.mode}]", unit="ep", disable=None)
+    report = evaluate(model_dir, args.task, episodes=episodes, mode=settings.mode, eval_seed=settings.eval_seed,
+                      workers=settings.workers, max_steps=settings.max_steps, control_rate_hz=settings.control_rate_hz,
+                      videos_per_task=settings.videos, failure_videos_per_task=settings.failure_videos,
+                      video_dir=video_dir, progress=lambda _r: bar.update(1))
     bar.close()
     report.update(model_uri=str(args.model), registered_name=name, model_version=version)
     print(table(report))
@@ -108,8 +93,8 @@ def promote_command(args: argparse.Namespace) -> int:
     from pipelines.evaluate.gate import aliases, promote, rollback
     from pipelines.train.registry import registered_name_for
 
-    settings = _settings(args)
-    mlflow.set_tracking_uri(settings.uri)
+    settings = settings_from_flags(GateSettings, args, fields=PlatformSettings.model_fields)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
     client = mlflow.MlflowClient()
     name = args.name or registered_name_for("posttrain", args.task)
     if args.show:

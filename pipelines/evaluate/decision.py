@@ -7,10 +7,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipelines.evaluate.gate import GateSettings
+from pipelines.evaluate.settings import GateSettings
 
 try:  # MLflow's own limits; the constants are internal, hence the fallback
     from mlflow.utils.validation import MAX_TAG_VAL_LENGTH

@@ -1,7 +1,7 @@
 """Simulation-evaluation gate: judge a candidate (``pipelines.evaluate.decision``), log the decision as a run in
 experiment ``lingbot-gate`` and, on a pass, promote the candidate to ``champion`` in the MLflow model registry.
 
-    settings = GateSettings()                                   # LINGBOT_GATE_... env vars and .env
+    settings = GateSettings()                                   # pipelines.evaluate.settings: LINGBOT_GATE_..., .env
     decision = gate(report, settings, videos=[Path("reach-v3_seed0.mp4")])
     if not decision.passed:
         print("\\n".join(decision.reasons)); sys.exit(1)
@@ -12,19 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.evaluate.decision import TAG_LIMIT, Decision, decide, report_episodes, report_success
-from pipelines.settings import REPO_ROOT
-from pipelines.train.registry import default_tracking_uri, ensure_experiment, flatten_params
+from pipelines.evaluate.settings import GateSettings
+from pipelines.settings import parse_model_uri
+from pipelines.tracking_store import ensure_experiment
+from pipelines.train.registry import flatten_params
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +31,6 @@ GATE_EXPERIMENT = "lingbot-gate"
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous-champion"
 REPORT_TAG = "gate.report"
-
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))$")
-
-
-class GateSettings(BaseSettings):
-    """Thresholds of the promotion rule and where the registry lives (``LINGBOT_GATE_...`` env vars, ``.env``)."""
-
-    model_config = SettingsConfigDict(env_prefix="LINGBOT_GATE_", env_file=".env", extra="ignore")
-
-    min_success: float = Field(0.5, ge=0.0, le=1.0, description="average per-task success the candidate must reach")
-    max_regression: float = Field(0.05, ge=0.0, le=1.0,
-                                  description="drop vs the champion tolerated on top of the statistical allowance")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="confidence of the binomial allowance and intervals")
-    require_no_nan: bool = Field(True, description="fail a candidate with any NaN/inf-action episode")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite in <data_dir>/mlflow)")
-    data_dir: Path = Field(REPO_ROOT / "data", description="root of generated artefacts (MLflow store, artifacts)")
-
-    @property
-    def uri(self) -> str:
-        """The tracking URI in use: ``tracking_uri`` or the data dir's sqlite store."""
-        return self.tracking_uri or default_tracking_uri(self.data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +213,7 @@ def record_decision(report: Mapping, decision: Decision, settings: GateSettings,
     missing = [str(p) for p in [*videos, *([Path(table_path)] if table_path else [])] if not p.is_file()]
     if missing:
         raise ValueError(f"files to log with the gate run do not exist: {missing}")
-    mlflow.set_tracking_uri(settings.uri)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
     experiment = ensure_experiment(GATE_EXPERIMENT, settings.data_dir)
     tasks = {name: t for name, t in (report.get("tasks") or {}).items() if isinstance(t, Mapping)}
     name, version = report.get("registered_name"), report.get("model_version")
@@ -323,13 +301,13 @@ def candidate_ref(report: Mapping, client: mlflow.MlflowClient | None = None) ->
     parsed from ``model_uri`` (``models:/<name>/<version>``, or ``models:/<name>@<alias>`` resolved with ``client``).
     """
     name, version = report.get("registered_name"), report.get("model_version")
-    match = _MODEL_URI.match(str(report.get("model_uri") or ""))
-    if not name and match:
-        name = match["name"]
-    if version is None and match and match["version"]:
-        version = match["version"]
-    if version is None and match and match["alias"] and client is not None and name == match["name"]:
-        version = client.get_model_version_by_alias(name, match["alias"]).version
+    uri = parse_model_uri(report.get("model_uri") or "")
+    if not name and uri:
+        name = uri.name
+    if version is None and uri and uri.version:
+        version = uri.version
+    if version is None and uri and uri.alias and client is not None and name == uri.name:
+        version = client.get_model_version_by_alias(name, uri.alias).version
     if not name or version is None:
         raise ValueError("the report does not name the evaluated model version: it needs 'registered_name' and "
                          f"'model_version' (or a models:/<name>/<version> model_uri), got model_uri="
@@ -343,7 +321,7 @@ def gate(report: Mapping, settings: GateSettings, videos: Sequence[Path] = (),
 
     The caller prints ``decision.reasons`` and exits non-zero when ``not decision.passed``.
     """
-    uri = settings.uri
+    uri = settings.mlflow_uri
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     name, version = candidate_ref(report, client)

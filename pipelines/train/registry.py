@@ -1,7 +1,6 @@
-"""LingBot-VA in the MLflow model registry: a pyfunc over a model directory, registration, aliases, tracking defaults.
+"""LingBot-VA in the MLflow model registry: a pyfunc over a model directory, registration, aliases.
 
-    uri = default_tracking_uri(data_dir)               # sqlite:///<data_dir>/mlflow/mlflow.db
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(settings.mlflow_uri)       # sqlite:///<data_dir>/mlflow/mlflow.db unless set
     with mlflow.start_run(experiment_id=ensure_experiment("lingbot-posttrain", data_dir)):
         version = log_and_register(model_dir, registered_name=registered_name_for("posttrain", "reach-v3"))
     policy = mlflow.pyfunc.load_model("models:/lingbot-va-reach-v3@champion")
@@ -27,7 +26,8 @@ MLflow 3.17 behaviours this module relies on or works around:
     requirements name the third-party packages those modules import, pinned to this environment's versions (given
     explicitly: inferring them loads the model once more in a subprocess).
   * With a sqlite tracking URI, experiments created without an ``artifact_location`` store artifacts under
-    ``./mlruns`` of whatever directory the process runs in; ``ensure_experiment`` pins them under the data dir.
+    ``./mlruns`` of whatever directory the process runs in; ``pipelines.tracking_store.ensure_experiment`` pins them
+    under the data dir.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -381,97 +379,6 @@ def load_registered(uri: str) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(uri)
 
 
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-
-
-def resolve_model(model: str | Path, data_dir: Path) -> tuple[Path, str | None, str | None]:
-    """A local model directory, or a registry URI (``models:/<name>@<alias>`` / ``models:/<name>/<version>``)
-    downloaded once into ``<data_dir>/mlflow/models/<name>-v<version>``; returns (model dir, name, version).
-
-    Uses the current tracking URI (set it first). Unknown names, aliases or versions raise ValueError.
-    """
-    from mlflow.exceptions import MlflowException
-
-    text = str(model)
-    match = _MODEL_URI.match(text)
-    if match is None:
-        read_checkpoint_meta(text)  # a directory: validate it
-        return Path(text), None, None
-    client = mlflow.MlflowClient()
-    name, alias, number = match["name"], match["alias"], match["version"]
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-    except MlflowException as err:
-        raise ValueError(f"{text}: no such registered model version ({err.message.splitlines()[0]})") from None
-    target = Path(data_dir).resolve() / "mlflow" / "models" / f"{name}-v{mv.version}"
-    if not (target / "done").is_file():
-        # downloaded beside the target and moved in place: processes sharing the data dir (post-training tasks run
-        # in parallel on one volume) never see, nor write into, a half-downloaded version
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(staging))
-        (staging / "done").write_text(str(mv.version))
-        if target.is_dir() and not (target / "done").is_file():
-            shutil.rmtree(target, ignore_errors=True)  # left by an interrupted download of an older release
-        try:
-            staging.rename(target)
-        except OSError:  # another process moved its copy in first
-            shutil.rmtree(staging, ignore_errors=True)
-    dirs = [p.parent for p in target.glob("artifacts/*/config.json")]
-    if len(dirs) != 1:
-        raise ValueError(f"{text} (version {mv.version}) holds {len(dirs)} model directories, expected one")
-    return dirs[0], name, str(mv.version)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tracking defaults
-
-
-def default_tracking_uri(data_dir: Path) -> str:
-    """``sqlite:///<data_dir>/mlflow/mlflow.db`` (absolute; the folder is created).
-
-    Artifacts go to ``<data_dir>/mlflow/artifacts/<experiment>``: a sqlite store has no artifact root of its own
-    (it would use ``./mlruns`` of the current directory), so ``ensure_experiment`` sets each experiment's
-    ``artifact_location`` when it creates it.
-    """
-    folder = Path(data_dir).resolve() / "mlflow"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def artifact_root(data_dir: Path) -> Path:
-    """``<data_dir>/mlflow/artifacts``: where ``ensure_experiment`` puts experiments' artifacts."""
-    return Path(data_dir).resolve() / "mlflow" / "artifacts"
-
-
-def ensure_experiment(name: str, data_dir: Path) -> str:
-    """Id of experiment ``name`` on the current tracking URI, created if missing: with a local store (sqlite / file)
-    its artifacts go under the data dir; with a tracking server the server's artifact store is used (``mlflow-
-    artifacts:/``), so pods elsewhere (the gate, the policy server) can download what a training pod logged.
-
-    An existing experiment keeps its artifact location; a deleted one is restored.
-    """
-    from urllib.parse import urlparse
-
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        local = urlparse(mlflow.get_tracking_uri()).scheme in ("", "file", "sqlite")
-        location = (artifact_root(data_dir) / name).as_uri() if local else None
-        try:
-            return client.create_experiment(name, artifact_location=location)
-        except MlflowException:
-            # another process created it in between (sqlite has a unique name constraint): use theirs
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id
-
-
 def flatten_params(d: Mapping, prefix: str = "") -> dict[str, str]:
     """Nested settings as MLflow params: ``{"a": {"b": 1}}`` -> ``{"<prefix>a.b": "1"}``.
 
@@ -498,9 +405,6 @@ def flatten_params(d: Mapping, prefix: str = "") -> dict[str, str]:
 
 __all__ = [
     "LingBotPyfunc",
-    "artifact_root",
-    "default_tracking_uri",
-    "ensure_experiment",
     "flatten_params",
     "load_registered",
     "log_and_register",

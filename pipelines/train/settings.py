@@ -1,4 +1,5 @@
-"""Training settings (pydantic-settings: ``LINGBOT_TRAIN_...`` env vars and ``.env``; CLI flags override).
+"""Training settings (pydantic-settings: ``LINGBOT_TRAIN_...`` env vars, then the root's ``LINGBOT_DATA_DIR`` /
+``LINGBOT_TRACKING_URI``, and ``.env``; CLI flags override).
 
 Stage defaults follow the paper, scaled to a CPU-sized preset: pretraining AdamW lr 1e-4 with cosine decay after a
 linear warmup; post-training on one task's demos with L_fdm added and a constant lr after warmup (paper: 1e-5 for 3K
@@ -11,9 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.settings import REPO_ROOT
+from pipelines.settings import PlatformSettings, settings_config
 
 STAGES = ("pretrain", "posttrain")
 STAGE_DEFAULTS = {
@@ -22,10 +22,10 @@ STAGE_DEFAULTS = {
 }
 
 
-class TrainSettings(BaseSettings):
+class TrainSettings(PlatformSettings):
     """Everything a training run needs besides the model preset's shape."""
 
-    model_config = SettingsConfigDict(env_prefix="LINGBOT_TRAIN_", env_file=".env", extra="ignore")
+    model_config = settings_config("LINGBOT_TRAIN_")
 
     stage: Literal["pretrain", "posttrain"] = Field("pretrain", description="lifecycle stage")
     preset: str = Field("small", description="model preset (model.config.PRESETS)")
@@ -33,7 +33,6 @@ class TrainSettings(BaseSettings):
     init_from: str | None = Field(None, description="model to start from (required for post-training): a model "
                                                    "directory or a registry URI, models:/<name>@<alias> or "
                                                    "models:/<name>/<version>")
-    data_dir: Path = Field(REPO_ROOT / "data", description="root of data/latents, data/feast, data/runs")
     latents_dir: Path | None = Field(None, description="encoded latents (default: <data_dir>/latents)")
     feast_dir: Path | None = Field(None, description="feature store data (default: <data_dir>/feast)")
     run_dir: Path | None = Field(None, description="checkpoints + final model (default: <data_dir>/runs/<run name>)")
@@ -74,7 +73,6 @@ class TrainSettings(BaseSettings):
     val_batches: int = Field(4, ge=1, description="validation micro-batches (fixed, so losses are comparable)")
     log_every: int = Field(1, ge=1, description="metrics interval (steps)")
     seed: int = Field(0, description="model init, data sampling and noise")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite in <data_dir>/mlflow)")
     register_model: bool = Field(True, description="register the final model in MLflow with alias 'challenger'")
     max_steps_this_run: int | None = Field(None, ge=1, description="stop after this many steps (for preemption tests)")
 

@@ -115,10 +115,11 @@ class Tracker:
 
         from pipelines.lineage import data_version as dvc_version
         from pipelines.lineage import log_data_inputs, run_tags
-        from pipelines.train.registry import default_tracking_uri, ensure_experiment, flatten_params
+        from pipelines.tracking_store import ensure_experiment
+        from pipelines.train.registry import flatten_params
 
         self.mlflow, self.settings = mlflow, settings
-        mlflow.set_tracking_uri(settings.tracking_uri or default_tracking_uri(settings.data_dir))
+        mlflow.set_tracking_uri(settings.mlflow_uri)
         experiment = ensure_experiment(f"lingbot-{settings.stage}", settings.data_dir)
         # the DVC hashes of what this run reads: the collected episodes and the prepared splits behind its latents
         folders = {"episodes": settings.data_dir / "episodes", "prepared": settings.data_dir / "prepared",

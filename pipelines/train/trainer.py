@@ -67,11 +67,11 @@ def init_model_dir(settings: TrainSettings) -> Path:
         return Path(source)
     import mlflow
 
-    from pipelines.train.registry import default_tracking_uri, resolve_model
+    from pipelines.tracking_store import resolve_model
 
     found = [None]
     if int(os.environ.get("RANK", 0)) == 0:
-        mlflow.set_tracking_uri(settings.tracking_uri or default_tracking_uri(settings.data_dir))
+        mlflow.set_tracking_uri(settings.mlflow_uri)
         found[0] = str(resolve_model(source, settings.data_dir)[0])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(found, src=0)  # one lookup: an alias moving meanwhile cannot split the ranks

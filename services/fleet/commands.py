@@ -7,41 +7,30 @@ import json
 import logging
 from pathlib import Path
 
+from pipelines.settings import add_settings_flags, settings_from_flags
+from services.fleet.settings import FleetSettings
+from services.robot_client.settings import RobotSettings
+
+ROBOT_FLAGS = ("endpoint", "canary_endpoint", "canary_percent", "transport", "mode", "control_rate_hz", "deadline_ms",
+               "max_steps")
+"""The robot settings a fleet run sets from its command line; the rest (identity, token, timeouts) stay the robots'
+environment's."""
+FLEET_FLAGS = ("robots", "task", "episodes", "image_size")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fleet", help="run simulated Meta-World robots against a policy endpoint")
-    p.add_argument("--endpoint", default=None, help="gRPC host:port or REST http://host:port "
-                                                    "(default: LINGBOT_ROBOT_ENDPOINT or 127.0.0.1:8081)")
-    p.add_argument("--canary-endpoint", default=None, help="the canary's endpoint (same transport); whole episodes "
-                                                           "run there (default: LINGBOT_ROBOT_CANARY_ENDPOINT)")
-    p.add_argument("--canary-percent", type=int, default=None, help="share of episodes sent to the canary")
-    p.add_argument("--transport", choices=["grpc", "rest"], default=None, help="KServe V2 over gRPC or REST")
-    p.add_argument("--robots", type=int, default=None, help="robots, one process each")
-    p.add_argument("--task", default=None, help="Meta-World task, e.g. reach-v3")
-    p.add_argument("--episodes", type=int, default=None, help="episodes per robot")
-    p.add_argument("--mode", choices=["async", "sync"], default=None, help="Algorithm 2 (async) or 1 (sync)")
-    p.add_argument("--control-rate-hz", type=float, default=None, help="default: the endpoint's")
-    p.add_argument("--deadline-ms", type=float, default=None, help="grace before a late chunk makes the robot hold")
-    p.add_argument("--max-steps", type=int, default=None, help="robot steps per episode, holds included")
-    p.add_argument("--image-size", type=int, default=None, help="frame side the model expects (default 96)")
+    add_settings_flags(p, RobotSettings, fields=ROBOT_FLAGS)
+    add_settings_flags(p, FleetSettings, fields=FLEET_FLAGS)
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     p.set_defaults(func=fleet_command)
 
 
 def fleet_command(args: argparse.Namespace) -> int:
     from services.fleet.fleet import run_fleet, table
-    from services.fleet.settings import FleetSettings
-    from services.robot_client.settings import RobotSettings
 
-    robot_over = {"endpoint": args.endpoint, "canary_endpoint": args.canary_endpoint,
-                  "canary_percent": args.canary_percent, "transport": args.transport, "mode": args.mode,
-                  "control_rate_hz": args.control_rate_hz, "deadline_ms": args.deadline_ms, "max_steps": args.max_steps}
-    fleet_over = {"robots": args.robots, "task": args.task, "episodes": args.episodes, "image_size": args.image_size}
-    try:
-        robot = RobotSettings(**{k: v for k, v in robot_over.items() if v is not None})
-        fleet = FleetSettings(**{k: v for k, v in fleet_over.items() if v is not None})
-    except ValueError as err:  # pydantic's ValidationError: one line through the CLI's ValueError path
-        raise ValueError(str(err).replace("\n", "; ")) from None
+    robot = settings_from_flags(RobotSettings, args, fields=ROBOT_FLAGS)
+    fleet = settings_from_flags(FleetSettings, args, fields=FLEET_FLAGS)
     # kserve's client logs a traceback for every failed call; the runtime counts and reports them instead
     logging.getLogger("kserve.trace").setLevel(logging.CRITICAL)
     rep = run_fleet(fleet, robot)

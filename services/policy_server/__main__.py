@@ -2,7 +2,7 @@
 
     python -m services.policy_server --model models:/lingbot-va-reach-v3@champion --http_port 8080 --grpc_port 8081
 
-Same flags as ``lingbot serve``: kserve's standard ModelServer flags plus the policy server's own
+The same flags as ``lingbot serve``: the kserve ModelServer flags it passes on plus the policy server's own
 (``services.policy_server.commands.add_arguments``; also read from ``LINGBOT_SERVE_*``).
 """
 
@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kserve import model_server
-
 from services.policy_server.commands import add_arguments, serve_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.policy_server", parents=[model_server.parser])
+    parser = argparse.ArgumentParser(prog="python -m services.policy_server")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

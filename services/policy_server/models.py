@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.evaluate.policy import ChunkPolicy
+from pipelines.settings import parse_model_uri
+from pipelines.tracking_store import resolve_model
 
 log = logging.getLogger(__name__)
-
-_ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 
 
 @dataclass(eq=False)
@@ -41,8 +40,6 @@ class ModelHandle:
 def load_model(model: str | Path, data_dir: Path, device: str = "cpu") -> ModelHandle:
     """A registry URI (``models:/<name>@<alias>`` / ``models:/<name>/<version>``, downloaded under ``data_dir``) or a
     model directory, loaded as a ``ChunkPolicy``. Uses the current MLflow tracking URI; bad input raises ValueError."""
-    from pipelines.train.registry import resolve_model
-
     model_dir, name, number = resolve_model(model, data_dir)
     policy = ChunkPolicy(model_dir, device=device)
     version = f"{name}/{number}" if name else f"dir-{content_hash(model_dir)}"
@@ -63,8 +60,8 @@ def content_hash(model_dir: str | Path, length: int = 12) -> str:
 
 def alias_of(model: str) -> tuple[str, str] | None:
     """(registered name, alias) of a ``models:/<name>@<alias>`` URI; None for versions and directories."""
-    match = _ALIAS_URI.match(str(model))
-    return (match["name"], match["alias"]) if match else None
+    uri = parse_model_uri(model)
+    return (uri.name, uri.alias) if uri and uri.alias else None
 
 
 class AliasWatcher:

@@ -1,4 +1,5 @@
-"""Settings of the policy server, read from the environment (``LINGBOT_SERVE_...``) and ``.env``.
+"""Settings of the policy server, read from the environment (``LINGBOT_SERVE_...``, then the root's
+``LINGBOT_DATA_DIR`` / ``LINGBOT_TRACKING_URI``) and ``.env``.
 
 kserve's standard flags (ports, workers, gRPC message sizes ...) stay kserve's (``kserve.model_server.parser``);
 these are the policy server's own. Command-line flags of ``lingbot serve`` override them.
@@ -10,16 +11,15 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.settings import REPO_ROOT
+from pipelines.settings import PlatformSettings, settings_config
 from services.protocol import DEFAULT_MODEL_NAME
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(PlatformSettings):
     """What ``lingbot serve`` loads, where it listens and how it batches, bounds and updates its sessions."""
 
-    model_config = SettingsConfigDict(env_prefix="LINGBOT_SERVE_", env_file=".env", extra="ignore")
+    model_config = settings_config("LINGBOT_SERVE_")
 
     model: str | None = Field(None, description="models:/<name>@<alias>, models:/<name>/<version> or a model "
                                                 "directory; an alias is followed as it moves (hot swap)")
@@ -29,8 +29,6 @@ class ServeSettings(BaseSettings):
                                                       "from the environment or token_file, never the command line")
     token_file: Path | None = Field(None, description="file holding the bearer token (its content, stripped); "
                                                       "overrides token")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite under the data dir)")
-    data_dir: Path = Field(REPO_ROOT / "data", description="data root: MLflow store and downloaded models")
     device: str = Field("cpu", description="torch device of the model")
     seed: int = Field(0, description="base seed of the sessions' flow samplers (mixed with the session id)")
 

@@ -54,8 +54,9 @@ def test_train_stage_help_is_its_own_with_defaults(stage, capsys):
     assert out.startswith(f"usage: lingbot train {stage} ")
     # the stage's own defaults (pipelines.train.settings.STAGE_DEFAULTS), and the env variable that overrides them
     steps = {"pretrain": 1000, "posttrain": 300}[stage]
-    assert f"optimizer steps (default: $LINGBOT_TRAIN_STEPS, else {steps})" in out
-    assert "--no-register do not log and register" in out and "--activation-checkpointing recompute" in out
+    assert f"optimizer steps (stage default if unset) [$LINGBOT_TRAIN_STEPS, else {steps}]" in out
+    assert "--register, --no-register register the final model" in out and "--register-model" not in out
+    assert "--no-activation-checkpointing recompute" in out
     assert ("--task TASK" in out) == (stage == "posttrain")
 
 

@@ -38,7 +38,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from pipelines.evaluate.gate import CHAMPION, GATE_EXPERIMENT, GateSettings, gate
-from pipelines.train.registry import ensure_experiment, log_and_register, registered_name_for
+from pipelines.tracking_store import ensure_experiment
+from pipelines.train.registry import log_and_register, registered_name_for
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "pipelines" / "evaluate"))
 from model_dirs import TASK, write_model_dir

@@ -150,12 +150,13 @@ def serve_settings(namespace, container):
     """``ServeSettings`` as `lingbot serve` builds them in ``container``: the parsed flags (``namespace``) over the
     container's env (a value from a Secret stands in as ``from-secret``), nothing from this machine's environment or
     ``.env``."""
-    from services.policy_server.commands import settings_from_args
+    from pipelines.settings import settings_from_flags
+    from services.policy_server.settings import ServeSettings
 
     env = {e["name"]: e.get("value", "from-secret") for e in container.get("env") or []
            if "value" in e or "secretKeyRef" in (e.get("valueFrom") or {})}
     with tempfile.TemporaryDirectory() as empty, contextlib.chdir(empty), mock.patch.dict(os.environ, env, clear=True):
-        return settings_from_args(namespace)
+        return settings_from_flags(ServeSettings, namespace)
 
 
 # ----------------------------------------------------------------------------------------------- the platform's infra

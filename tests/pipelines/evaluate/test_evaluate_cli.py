@@ -9,7 +9,8 @@ import pytest
 from model_dirs import TASK, write_model_dir
 
 from pipelines.cli import main
-from pipelines.train.registry import ensure_experiment, log_and_register
+from pipelines.tracking_store import ensure_experiment
+from pipelines.train.registry import log_and_register
 
 
 @pytest.fixture

@@ -36,7 +36,9 @@ from pipelines.evaluate.gate import (
     rollback,
 )
 from pipelines.lineage import data_version, data_versions, log_data_inputs
-from pipelines.train.registry import default_tracking_uri, ensure_experiment, log_and_register
+from pipelines.settings import default_tracking_uri
+from pipelines.tracking_store import ensure_experiment
+from pipelines.train.registry import log_and_register
 
 NAME = "lingbot-va-gate-test"
 TASK = "reach-v3"
@@ -159,7 +161,7 @@ def test_settings_env_and_ranges(monkeypatch, tmp_path):
     monkeypatch.setenv("LINGBOT_GATE_REQUIRE_NO_NAN", "false")
     settings = GateSettings(data_dir=tmp_path)
     assert settings.min_success == 0.7 and settings.require_no_nan is False and settings.confidence == 0.95
-    assert settings.uri == default_tracking_uri(tmp_path)
+    assert settings.mlflow_uri == default_tracking_uri(tmp_path)
     for bad in ({"confidence": 0.5}, {"confidence": 1.0}, {"min_success": 1.1}, {"max_regression": -0.1}):
         with pytest.raises(ValidationError):
             GateSettings(**bad)

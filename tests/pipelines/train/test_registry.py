@@ -27,15 +27,14 @@ from model import LingBotVA, get_preset
 from model.normalization import ActionNormalizer
 from pipelines.data.embodiments import METAWORLD_CAMERAS
 from pipelines.data.features import snapshot
+from pipelines.settings import default_tracking_uri
+from pipelines.tracking_store import ensure_experiment, resolve_model
 from pipelines.train.registry import (
-    default_tracking_uri,
-    ensure_experiment,
     flatten_params,
     load_registered,
     log_and_register,
     parse_normalization,
     registered_name_for,
-    resolve_model,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluate"))

@@ -15,7 +15,9 @@ import pytest
 from conftest import PolicyServer, frames, states
 from model_dirs import write_model_dir
 
-from pipelines.train.registry import default_tracking_uri, ensure_experiment, log_and_register
+from pipelines.settings import default_tracking_uri
+from pipelines.tracking_store import ensure_experiment
+from pipelines.train.registry import log_and_register
 from services.protocol import MODEL_CHANGED, StepRequest
 
 NAME = "lingbot-va-serve-test"

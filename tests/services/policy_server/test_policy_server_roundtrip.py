@@ -176,7 +176,8 @@ def test_binds_127_0_0_1_only_by_default(policy_server, monkeypatch):
 
 def test_command_line(tmp_path, capsys):
     from pipelines.cli import build_parser, main
-    from services.policy_server.commands import settings_from_args
+    from pipelines.settings import settings_from_flags
+    from services.policy_server.settings import ServeSettings
 
     token_file = tmp_path / "token"
     token_file.write_text("t0k\n")
@@ -184,7 +185,7 @@ def test_command_line(tmp_path, capsys):
     args = build_parser().parse_args(["serve", "--model", "models:/lingbot-va-reach-v3@champion", "--http_port",
                                       "9000", "--no-batching", "--max-sessions", "3", "--token-file",
                                       str(token_file)])
-    settings = settings_from_args(args)
+    settings = settings_from_flags(ServeSettings, args)
     assert args.http_port == 9000 and args.grpc_port == 8081
     assert settings.model == "models:/lingbot-va-reach-v3@champion" and settings.batching is False
     assert settings.max_sessions == 3 and settings.token.get_secret_value() == "t0k"
