@@ -14,6 +14,9 @@ Request parameters
     mode         "async" (default, Algorithm 2) | "sync" (Algorithm 1); fixed at reset (ignored afterwards)
     cameras      optional, comma-separated; must equal the model's camera order
     seq          optional int: the chunk index the client expects back; a mismatch is a 4xx "out of order"
+    seed         optional int in [0, 2**63), at reset: the seed of the session's flow sampler (default: derived from
+                 the server's seed and the session id). The same seed, model and observations give the same chunks:
+                 evaluation replays an episode with it, and a robot can reproduce the gate's episode
     session_token
                  str, binds the session to the client that opened it: a reset of a free session id may choose it
                  (``[A-Za-z0-9._~+/=-]{8,128}``; else the server draws one), the response returns it, and every later
@@ -37,7 +40,7 @@ Request inputs (binary tensors)
 What the server does per request
     sync:  observe(frames, executed actions mapped to the unified space against ``state``), then plan.
     async: observe(...) if the request carries frames, then imagine (FDM) the chunk returned last time (it is
-           executing now), then plan the chunk after it -- the call order of ``pipelines.evaluate.rollout``.
+           executing now), then plan the chunk after it -- Algorithm 2's call order.
            (A request reporting the only chunk returned so far has nothing executing: observe, then plan.)
     Requests of one session are served in arrival order, one at a time; different sessions' passes are batched.
 
@@ -87,11 +90,13 @@ MODES = ("async", "sync")
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SESSION_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{8,128}")
 UNIFIED_DIM = 30
+SEED_LIMIT = 2**63  # sampler seeds are int64 (kserve's gRPC int64_param)
 
 UNKNOWN_SESSION = "unknown session {session_id}: send reset=true"
 MODEL_CHANGED = "model changed: send reset=true"
 VERSION_NOT_SERVED = "model version not served"
 OUT_OF_ORDER = "out of order"
+NON_FINITE = "the model produced non-finite actions"
 
 # name -> (V2 datatype, numpy dtype, rank)
 INPUTS: dict[str, tuple[str, type, int]] = {
@@ -106,7 +111,8 @@ OUTPUTS: dict[str, tuple[str, type, int]] = {
 # parameters kserve itself understands; accepted and ignored by ``from_infer_request``
 _TRANSPORT_PARAMETERS = {"binary_data_output", "content_type", "headers"}
 # the request parameters of this protocol; any other is refused (a typo must not be silently ignored)
-PARAMETERS = ("session_id", "session_token", "reset", "instruction", "mode", "cameras", "seq", "model_version")
+PARAMETERS = ("session_id", "session_token", "reset", "instruction", "mode", "cameras", "seq", "model_version",
+              "seed")
 # the response parameters (documented above); the timings are optional (absent from servers that do not time)
 RESPONSE_PARAMETERS = ("model_version", "session_id", "session_token", "chunk_index", "embodiment", "control_rate_hz",
                        "cameras", "image_size", "compute_us", "queue_us", "decode_us")
@@ -126,6 +132,7 @@ class StepRequest:
     seq: int | None = None
     model_version: str | None = None  # the version the episode is pinned to (None: whatever the server serves)
     session_token: str | None = None  # the session's owner: chosen or returned at reset, sent on every request
+    seed: int | None = None  # at reset: the flow sampler's seed (None: the server derives one from the session id)
     images: np.ndarray | None = None  # (N, V, H, W, 3) uint8
     actions: np.ndarray | None = None  # (N, A) float32, native
     state: np.ndarray | None = None  # (N, S) float32
@@ -173,6 +180,8 @@ def to_infer_request(req: StepRequest, model_name: str = DEFAULT_MODEL_NAME) -> 
         params["model_version"] = req.model_version
     if req.session_token is not None:
         params["session_token"] = req.session_token
+    if req.seed is not None:
+        params["seed"] = int(req.seed)
     inputs = []
     for name in INPUTS:
         value = getattr(req, name)
@@ -231,12 +240,15 @@ def from_infer_request(request: InferRequest, *, max_bytes: int | None = None) -
     model_version = params.get("model_version")
     if model_version is not None and (not isinstance(model_version, str) or not model_version):
         raise InvalidInput(f"parameter model_version must be a non-empty string, got {show(model_version)}")
+    seed = params.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        raise InvalidInput(f"parameter seed must be an integer in [0, 2**63), got {show(seed)}")
 
     arrays: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         arrays[tensor.name] = _input_array(tensor, arrays)
     step = StepRequest(session_id=session_id, reset=reset, instruction=instruction, mode=mode, cameras=cameras,
-                       seq=seq, model_version=model_version, session_token=session_token, **arrays)
+                       seq=seq, model_version=model_version, session_token=session_token, seed=seed, **arrays)
     _check_steps(step)
     return step
 
@@ -411,6 +423,7 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "MODEL_CHANGED",
     "MODES",
+    "NON_FINITE",
     "OUT_OF_ORDER",
     "PARAMETERS",
     "RESPONSE_PARAMETERS",

@@ -7,7 +7,7 @@ hand-written expert from ``metaworld.policies``. Only successful episodes are ke
 Recorded per step t (the ``Episode`` convention: frame/state observed first, then action t executed):
 
     frames[cam][t]  uint8 (H, W, 3) image, row 0 = top, upright (see ``camera_needs_rotation``)
-    state[t]        obs[:4] = hand x, y, z (m, world frame) and gripper opening (0 closed .. 1 open)
+    state[t]        ``sawyer_state(obs)``: hand x, y, z (m, world frame) and gripper opening (0 closed .. 1 open)
     actions[t]      the executed native action [dx, dy, dz, grip], the expert's output clipped to [-1, 1]
                     (the env clips xyz and the gripper actuators to that range anyway, so this is what ran)
     success[t]      ``info["success"]`` returned by the step that executed action t
@@ -129,6 +129,12 @@ def resolve_tasks(spec: str | Sequence[str]) -> list[str]:
         detail = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
         raise ValueError(f"unknown Meta-World task(s): {detail}; valid: 'MT10', 'MT50' or any of the {len(MT50)} v3 task names")
     return names
+
+
+def sawyer_state(obs: np.ndarray) -> np.ndarray:
+    """The Sawyer's state (``STATE_KEYS``) in a Meta-World v3 observation, whose first four entries it is: (4,) float32.
+    Demonstrations record it and robots report it, so both read it here."""
+    return np.asarray(obs[:4], np.float32)
 
 
 def task_seed(seed: int, task: str) -> int:
@@ -325,7 +331,7 @@ def _rollout(
     for t in range(horizon):
         for cam, img in rig.render(env.data).items():
             frames[cam].append(img)
-        states.append(obs[:4])
+        states.append(sawyer_state(obs))
         with warnings.catch_warnings():  # the experts warn whenever their P-gain saturates; harmless and very noisy
             warnings.simplefilter("ignore")
             action = np.clip(policy.get_action(obs), -1.0, 1.0).astype(np.float32)

@@ -1,20 +1,23 @@
 """Closed-loop Meta-World v3 rollouts of a chunk policy, sync (Alg. 1) or async (Alg. 2), across worker processes.
 
-Episode ``i`` of a task runs goal/object variant ``i`` of ``metaworld.MT1(task, seed=eval_seed)``: with the default
-``eval_seed`` 1 these are 50 goal positions the demonstrations (collected with seed 0) never showed. Everything in an
-episode is seeded (env, flow sampler), so the same seed gives the same episode.
+Episode ``i`` of a task runs goal/object variant ``i`` of ``metaworld.MT1(task, seed=eval_seed)`` with sampler seed
+``episode_seed(eval_seed, i)``: with the default ``eval_seed`` 1 these are 50 goal positions the demonstrations
+(collected with seed 0) never showed. Everything in an episode is seeded, so the same seed gives the same episode.
 
-Per step the env is driven by the chunk's unified action converted back to the Sawyer's native [dx, dy, dz, grip]
-against the hand position observed at that step, clipped to the embodiment's limits. A chunk with NaN/inf actions
-ends the episode as a failure (``nan``) instead of reaching the simulator. In async mode the model imagines the
-outcome of the chunk being executed (FDM) and plans the next one in a background thread while the env steps; with
-``control_rate_hz`` the env is paced in real time, so episode wall times compare sync and async at the robot's rate.
+An episode is driven the way a robot is: a ``MetaWorldRobot`` under the edge runtime (``RobotRuntime``) talks to the
+policy server's engine in process (``InProcessClient``: the wire contract without a network). The runtime re-maps
+each step's unified target to the Sawyer's native [dx, dy, dz, grip] against the live hand position, clipped to the
+limits; in async mode the server imagines the executing chunk (FDM) and plans the next one while the robot steps. The
+simulator runs in lockstep with the policy (``Timing.lockstep``): every chunk is awaited, nothing is held, so the
+actions are the model's whatever the machine's load, and a fleet robot on the same variant against an endpoint
+serving the same model executes the same ones. Unpaced by default; with ``control_rate_hz`` the robot steps in real
+time, so episode wall times compare sync and async at the robot's rate. A chunk with NaN/inf actions ends the episode
+as a failure (``nan``) instead of reaching the simulator.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -27,6 +30,15 @@ from pathlib import Path
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 
 import numpy as np
+import torch
+
+from pipelines.evaluate.policy import ChunkPolicy
+from services.policy_server.inprocess import InProcessClient
+from services.robot_client.metaworld import MetaWorldRobot, episode_seed
+from services.robot_client.robot import Observation, StepOutcome
+from services.robot_client.runtime import RobotRuntime
+from services.robot_client.schedule import Timing
+from services.robot_client.settings import RobotSettings
 
 MODES = ("sync", "async")
 
@@ -44,18 +56,29 @@ class EpisodeResult:
     nan: bool = False
     error: str | None = None
     video: str | None = None
-    plan_s: list[float] = field(default_factory=list)
+    plan_s: list[float] = field(default_factory=list)  # the policy's time per chunk request (in-process round trips)
     actions_digest: str = ""  # sha1 of the native actions executed (determinism checks)
 
 
-def make_env(task: str, variant: int, eval_seed: int):
-    import metaworld
+class _GateRobot(MetaWorldRobot):
+    """The Meta-World robot, keeping what the gate reports beyond the runtime's stats: the task's best progress and,
+    when filming, every frame it saw (the first one and one per step)."""
 
-    bench = metaworld.MT1(task, seed=eval_seed)
-    env = bench.train_classes[task]()
-    env.seed(eval_seed + variant)
-    env.set_task(bench.train_tasks[variant % len(bench.train_tasks)])
-    return env
+    def __init__(self, *args, film: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = 0.0
+        self.frames: list[np.ndarray] | None = [] if film else None
+
+    def _observe(self) -> Observation:
+        obs = super()._observe()
+        if self.frames is not None:
+            self.frames.append(obs.frames)
+        return obs
+
+    def _step(self, action: np.ndarray) -> StepOutcome:
+        outcome = super()._step(action)
+        self.progress = max(self.progress, outcome.info["progress"])
+        return outcome
 
 
 def run_episode(policy, task: str, index: int, *, mode: str = "sync", eval_seed: int = 1, max_steps: int | None = None,
@@ -65,98 +88,34 @@ def run_episode(policy, task: str, index: int, *, mode: str = "sync", eval_seed:
 
     ``video_path``: write the real frames next to the imagined ones there (with ``video_only_failure``: only if the
     episode fails)."""
-    from pipelines.data.metaworld_collect import CameraRig
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    env = make_env(task, index, eval_seed)
-    size = policy.image_size or 96
-    rig = CameraRig(env.model, env.data, policy.cameras, size)
-    horizon = min(max_steps or env.max_path_length, env.max_path_length)
-    result = EpisodeResult(task, index, False, 0, None, 0.0, 0.0, 0)
-    real_video, imagined_video = [], []
-    pool = concurrent.futures.ThreadPoolExecutor(1) if mode == "async" else None
-    digest = hashlib.sha1()
-    t_start = time.perf_counter()
+    film = video_path is not None
+    robot = _GateRobot(task, index, eval_seed, cameras=policy.cameras, image_size=policy.image_size or 96, film=film)
+    # every field that shapes the episode is given: a robot's LINGBOT_ROBOT_* environment must not change the gate
+    settings = RobotSettings(robot_id="gate", endpoint=InProcessClient.endpoint, transport="grpc", mode=mode,
+                             max_resets=0, max_steps=max_steps, hold_action=None, episode_timeout_s=math.inf,
+                             canary_endpoint=None, canary_percent=0)
     try:
-        obs, _ = env.reset()
-        views = lambda: np.stack([img for img in rig.render(env.data).values()])
-        frames0 = views()
-        ep = policy.episode(task, seed=1000 * eval_seed + index)
-        ep.start(frames0)
-        if video_path:
-            real_video.append(frames0)
-        plan = _timed(ep.plan, result)
-        period = 1.0 / control_rate_hz if control_rate_hz else 0.0
-        next_tick = time.perf_counter()
-        while result.steps < horizon and not result.success:
-            if not np.isfinite(plan.actions).all():
-                result.nan = True
-                break
-            future = pool.submit(_imagine_and_plan, ep, plan, result) if pool else None
-            frames, executed = [], []
-            for unified in plan.actions:
-                state = np.asarray(obs[:4], np.float64)
-                native = policy.adapter.to_native(unified[None], state[None])[0]
-                native = policy.adapter.clip_actions(native[None])[0].astype(np.float32)
-                if period:
-                    next_tick = max(next_tick + period, time.perf_counter() - period)
-                    time.sleep(max(0.0, next_tick - time.perf_counter()))
-                digest.update(native.tobytes())
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    obs, _, _, truncated, info = env.step(native)
-                result.steps += 1
-                result.progress = max(result.progress, float(info.get("in_place_reward", 0.0)))
-                frames.append(views())
-                executed.append(policy.adapter.to_unified(native[None], state[None])[0])
-                if info["success"]:
-                    result.success, result.steps_to_success, result.progress = True, result.steps, 1.0
-                if truncated or result.success or result.steps >= horizon:
-                    break
-            result.chunks += 1
-            if video_path:
-                real_video.extend(frames)
-                imagined_video.append((plan.latents, len(frames)))
-            if future is not None:
-                next_plan = future.result()
-            if result.success or len(frames) < len(plan.actions) or result.steps >= horizon:
-                break
-            ep.observe(np.stack(frames), np.stack(executed))
-            plan = next_plan if future is not None else _timed(ep.plan, result)
-            if not period:
-                next_tick = time.perf_counter()
-    except Exception as exc:  # an episode that breaks is a failed episode with a reason, never a crashed evaluator
-        result.error = f"{type(exc).__name__}: {exc}"
+        with contextlib.closing(InProcessClient.serving(policy, record=film)) as client, \
+                RobotRuntime(robot, settings, client=client, timing=Timing.lockstep(control_rate_hz)) as runtime:
+            stats = runtime.run_episode(task, episode_id=f"{task}-{index}", seed=episode_seed(eval_seed, index))
     finally:
-        result.wall_s = time.perf_counter() - t_start
-        result.actions_digest = digest.hexdigest()
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
-        rig.close()
-        env.close()
-    if video_path and real_video and result.error is None and not (video_only_failure and result.success):
+        robot.close()
+    nan = stats.nan_chunks > 0
+    result = EpisodeResult(task, index, stats.success, stats.steps, stats.steps_to_success,
+                           1.0 if stats.success else robot.progress, stats.wall_s, stats.chunks, nan=nan,
+                           error=None if nan else stats.error, plan_s=[ms / 1000 for ms in stats.latency_ms],
+                           actions_digest=stats.actions_digest)
+    if film and robot.frames and result.error is None and not (video_only_failure and result.success):
+        # lockstep: chunk c ran steps c*N .. c*N+N-1 (the last one possibly cut short); later plans never ran
+        n = policy.steps_per_chunk
+        imagined = [(plan.latents, min(n, result.steps - c * n)) for c, plan in enumerate(client.plans[:result.chunks])]
         try:
-            result.video = str(_write_video(video_path, real_video, imagined_video, ep, len(policy.cameras)))
+            result.video = str(_write_video(video_path, robot.frames, imagined, client.episode, len(policy.cameras)))
         except Exception as exc:  # a video is a nice-to-have; never fail the episode for it
-            result.error = None
             warnings.warn(f"rollout video {video_path} not written: {exc}", stacklevel=1)
     return result
-
-
-def _timed(fn: Callable, result: EpisodeResult):
-    t0 = time.perf_counter()
-    out = fn()
-    result.plan_s.append(time.perf_counter() - t0)
-    return out
-
-
-def _imagine_and_plan(ep, plan, result):
-    t0 = time.perf_counter()
-    ep.imagine(plan)
-    out = ep.plan()
-    result.plan_s.append(time.perf_counter() - t0)
-    return out
 
 
 def _write_video(path: Path, real: list[np.ndarray], imagined: list, ep, views: int, fps: int = 20) -> Path:
@@ -191,10 +150,6 @@ _POLICY = None
 
 
 def _init_worker(model_dir: str | Callable, device: str, threads: int) -> None:
-    import torch
-
-    from pipelines.evaluate.policy import ChunkPolicy
-
     torch.set_num_threads(threads)
     global _POLICY
     _POLICY = model_dir() if callable(model_dir) else ChunkPolicy(model_dir, device=device)
@@ -222,8 +177,6 @@ def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: in
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    from pipelines.evaluate.policy import ChunkPolicy
-
     # fail fast (bad directory, unknown task) before forking
     known = model_dir().tasks if callable(model_dir) else ChunkPolicy(model_dir, device="cpu").tasks
     unknown = [t for t in tasks if t not in known]

@@ -106,7 +106,9 @@ def _robot_process(index: int, fleet_dump: dict, robot_dump: dict, barrier, resu
                 robot = first if e == 0 else make(variant)
                 try:
                     runtime = RobotRuntime(robot, settings, client=client, canary_client=canary_client)
-                    stats = runtime.run_episode(fleet.task)
+                    # a Meta-World robot runs the gate's episode of its variant (same sampler seed); replay
+                    # robots leave the seed to the server
+                    stats = runtime.run_episode(fleet.task, seed=getattr(robot, "seed", None))
                     episodes.append({"variant": variant, **stats.to_dict()})
                 finally:
                     robot.close()

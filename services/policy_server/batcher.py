@@ -54,7 +54,7 @@ class Batcher:
         self._active_s = active_s
         self._seen: dict[str, float] = {}  # key -> when it last submitted (for active_s)
         self._seen_lock = threading.Lock()
-        self._queue: queue.Queue[Job] = queue.Queue()
+        self._queue: queue.Queue[Job | None] = queue.Queue()  # None wakes the worker to stop
         self._deferred: deque[Job] = deque()  # same-key jobs waiting for a later batch, in arrival order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -91,6 +91,7 @@ class Batcher:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running batch, fail the queued jobs, join the worker."""
         self._stop.set()
+        self._queue.put(None)  # an idle worker waits on the queue for up to idle_s: stop now, not then
         if self._thread.is_alive():
             self._thread.join(timeout)
         leftovers = list(self._deferred)
@@ -100,7 +101,7 @@ class Batcher:
             except queue.Empty:
                 break
         for job in leftovers:
-            if not job.future.done():
+            if job is not None and not job.future.done():
                 job.future.set_exception(RuntimeError("the policy server is shutting down"))
 
     # ------------------------------------------------------------------------------------------------------------
@@ -144,6 +145,8 @@ class Batcher:
             try:
                 job = self._queue.get(timeout=timeout)
             except queue.Empty:
+                break
+            if job is None:  # stop() woke the worker
                 break
             if job.key in blocked:
                 self._deferred.append(job)

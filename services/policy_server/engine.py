@@ -7,7 +7,8 @@ Per request (one step of one robot episode), on the batcher's worker thread:
     async + nothing imagine (FDM) the chunk returned last time (executing now); plan          (right after reset)
     async + frames  observe(...); imagine the chunk returned last time; plan the one after it
 
-which is the call order ``pipelines.evaluate.rollout.run_episode`` drives an ``EpisodePolicy`` with. The plan and
+which is Algorithm 1 / 2's call order on an ``EpisodePolicy`` (the gate's rollouts run this engine in process,
+``services.policy_server.inprocess``). The plan and
 imagine-and-plan passes of all sessions in a batch run together (``ChunkPolicy.plan_many`` /
 ``imagine_and_plan_many`` when the policy has them and batching is on; one episode after another otherwise).
 """
@@ -37,6 +38,7 @@ from services.policy_server.sessions import Session, SessionStore
 from services.policy_server.settings import ServeSettings
 from services.protocol import (
     MODEL_CHANGED,
+    NON_FINITE,
     OUT_OF_ORDER,
     UNKNOWN_SESSION,
     VERSION_NOT_SERVED,
@@ -245,7 +247,8 @@ class PolicyEngine:
         adapter = policy.adapter
         self._check_width("state", req.state, adapter.spec.state_dim, adapter.name)
         try:
-            episode = policy.episode(instruction, seed=session_seed(req.session_id, self.settings.seed))
+            seed = req.seed if req.seed is not None else session_seed(req.session_id, self.settings.seed)
+            episode = policy.episode(instruction, seed=seed)
             episode.start(req.images[0])
         except ValueError as err:
             raise InvalidInput(f"reset: {err}") from None
@@ -303,7 +306,7 @@ class PolicyEngine:
         policy = session.handle.policy
         targets = np.asarray(plan.actions, np.float64)  # (K*tau, 30) unified, native units
         if not np.isfinite(targets).all():
-            raise InferenceError(f"the model produced non-finite actions for session {session.session_id}; the "
+            raise InferenceError(f"{NON_FINITE} for session {session.session_id}; the "
                                  "session was closed: send reset=true")
         state = np.repeat(step.state[None], len(targets), axis=0)
         native = policy.adapter.clip_actions(policy.adapter.to_native(targets, state)).astype(np.float32)

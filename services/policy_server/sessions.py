@@ -49,10 +49,11 @@ class Session:
     def estimate_bytes(self) -> int:
         """Bytes of the tensors this session keeps alive: KV cache keys/values and the VAE's causal conv cache."""
         total = 0
-        cache = self.episode.session.cache
-        for t in [*cache.k, *cache.v]:
+        # a policy without a model session or VAE stream (the gate's blind-replay baseline) keeps neither cache
+        cache = getattr(getattr(self.episode, "session", None), "cache", None)
+        for t in [*cache.k, *cache.v] if cache is not None else []:
             total += t.nbytes if isinstance(t, torch.Tensor) else 0
-        for t in getattr(self.episode.stream, "_cache", None) or []:
+        for t in getattr(getattr(self.episode, "stream", None), "_cache", None) or []:
             total += t.nbytes if isinstance(t, torch.Tensor) else 0
         self.nbytes = total
         return total

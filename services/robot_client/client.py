@@ -6,6 +6,7 @@ kserve's ``InferenceGRPCClient`` / ``InferenceRESTClient`` and sorts failures in
     EndpointUnavailable  nothing answered (connection refused, channel down): back off, reconnect, retry the request
     SessionLost          the server asks for ``reset=true`` (unknown/evicted session, model changed, out of order),
                          or a request timed out so its effect on the session is unknown: start the session again
+    NonFiniteChunk       (a SessionLost) the model produced NaN/inf actions; the server closed the session
     VersionUnavailable   the server does not serve the model version the request is pinned to: the episode is over
     RequestRejected      anything else the server refused (bad request, auth, server error)
     Cancelled            ``cancel()`` was called from another thread
@@ -27,6 +28,7 @@ from kserve.errors import InvalidInput
 
 from services.protocol import (
     DEFAULT_MODEL_NAME,
+    NON_FINITE,
     VERSION_NOT_SERVED,
     StepRequest,
     StepResponse,
@@ -50,6 +52,10 @@ class EndpointUnavailable(PolicyError):
 
 class SessionLost(PolicyError):
     """The session must be started again with ``reset=true``."""
+
+
+class NonFiniteChunk(SessionLost):
+    """The model produced NaN/inf actions for the requested chunk: it was never sent, the session was closed."""
 
 
 class VersionUnavailable(PolicyError):
@@ -168,25 +174,32 @@ async def _close(client: InferenceGRPCClient | InferenceRESTClient) -> None:
     await client.close()
 
 
+def server_error(message: str) -> PolicyError | None:
+    """What the runtime does about a refusal the server explained in ``message`` (any transport); None when the
+    message alone does not say."""
+    if VERSION_NOT_SERVED in message:
+        return VersionUnavailable(message)
+    if NON_FINITE in message:
+        return NonFiniteChunk(message)
+    if any(hint in message for hint in _RESET_HINTS):
+        return SessionLost(message)
+    return None
+
+
 def _grpc_error(err: grpc.aio.AioRpcError) -> PolicyError:
     code, details = err.code(), err.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return EndpointUnavailable(f"UNAVAILABLE: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return SessionLost(f"request timed out: {details}")
-    if VERSION_NOT_SERVED in details:
-        return VersionUnavailable(details)
-    if any(hint in details for hint in _RESET_HINTS):
-        return SessionLost(details)
-    return RequestRejected(f"{code.name}: {details}")
+    return server_error(details) or RequestRejected(f"{code.name}: {details}")
 
 
 def _http_error(err: httpx.HTTPStatusError) -> PolicyError:
     message = str(err)
-    if VERSION_NOT_SERVED in message:
-        return VersionUnavailable(message)
-    if any(hint in message for hint in _RESET_HINTS):
-        return SessionLost(message)
+    known = server_error(message)
+    if known is not None:
+        return known
     if err.response.status_code in (502, 503, 504):  # a proxy / ingress without a live backend
         return EndpointUnavailable(message)
     return RequestRejected(message)

@@ -2,18 +2,17 @@
 
 Two threads per episode:
 
-    executor  (thread "robot-executor") owns the ``Robot``: resets it, then every control period executes the next
-              action of the current chunk, or, when no chunk is available past its deadline, the robot's safe hold
-              action. A finished chunk's frames/actions/states go onto the observation queue.
+    executor  (thread "robot-executor") owns the ``Robot``: resets it, then every control period executes what the
+              episode's ``ChunkSchedule`` says: the next action of the current chunk, a wait for the next chunk, or,
+              past its deadline, the robot's safe hold action. A finished chunk's frames/actions/states go onto the
+              observation queue (unless the episode ends with it: nobody would run the chunk it asks for).
     requester (the calling thread) owns the ``PolicyClient`` and speaks the wire contract of ``services.protocol``:
               reset -> chunk 0; async: an empty request -> chunk 1 (planned from chunk 0's imagined outcome); then
               each finished chunk k is sent and answered with chunk k+2 (async) / k+1 (sync).
 
-Deadlines. The next chunk is *needed* when the current one runs out. It is on time if it arrived no later than
-``deadline_s`` after that; until then the robot waits without moving. Past the deadline the robot executes its hold
-action every control period and a stall is recorded (one per late chunk, with its duration). The first chunk of an
-episode is awaited (the robot has not started) and not counted. Hold steps are pauses the model never sees: they
-keep the robot still, so the last reported observation stays valid and chunk boundaries stay aligned.
+Deadlines, holds, stalls and pacing are ``services.robot_client.schedule``'s (pure, tested without time); a robot's
+``Timing`` comes from its settings, and a simulator can run in lockstep with its policy (``Timing.lockstep``: every
+chunk awaited, nothing held), which is how the gate runs this same runtime against an in-process server.
 
 Routing and versions. An episode runs whole on one endpoint: ``endpoint``, or ``canary_endpoint`` for
 ``canary_percent`` % of the episodes, chosen once from a hash of the session id (``services.robot_client.routing``).
@@ -37,6 +36,7 @@ those in a row abort the episode in the safe hold. No exception escapes ``run_ep
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import threading
@@ -48,10 +48,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pipelines.data.embodiments import UNIFIED_DIM, get_adapter
-from services.protocol import SESSION_ID_PATTERN, StepRequest, StepResponse
+from services.protocol import SEED_LIMIT, SESSION_ID_PATTERN, StepRequest, StepResponse
 from services.robot_client.client import (
     Cancelled,
     EndpointUnavailable,
+    NonFiniteChunk,
     PolicyClient,
     PolicyError,
     RequestRejected,
@@ -60,6 +61,7 @@ from services.robot_client.client import (
 )
 from services.robot_client.robot import Observation, Robot
 from services.robot_client.routing import CANARY, STABLE, route_for
+from services.robot_client.schedule import Act, Chunk, ChunkSchedule, Pacer, Timing, Wait
 from services.robot_client.settings import RobotSettings
 
 
@@ -86,10 +88,13 @@ class EpisodeStats:
     resets: int = 0  # session restarts after the first reset
     reconnects: int = 0  # attempts on a fresh channel after the endpoint was unreachable
     rejected_chunks: int = 0  # NaN/inf or malformed: never executed
+    nan_chunks: int = 0  # chunks the model produced with NaN/inf (refused by the server or by the robot)
     stale_chunks: int = 0  # from another model version than the episode's: never executed (the episode ends)
     saturated_actions: int = 0  # commands clipped to (or at) the robot's limits
     control_rate_hz: float | None = None
     model_version: str | None = None  # the version every chunk of the episode came from
+    seed: int | None = None  # the sampler seed sent at reset (None: the server's choice)
+    actions_digest: str = ""  # sha1 of the native commands executed, holds included (determinism checks)
     wall_s: float = 0.0
     ended: str | None = None  # success | done (the robot's horizon) | max_steps | timeout | stopped | aborted
     error: str | None = None  # why the episode was aborted (None: it was not)
@@ -110,15 +115,6 @@ class EpisodeStats:
         out["latency_ms_p50"] = float(np.percentile(lat, 50)) if lat.size else None
         out["latency_ms_p99"] = float(np.percentile(lat, 99)) if lat.size else None
         return out
-
-
-@dataclass
-class _Chunk:
-    epoch: int
-    index: int
-    targets: np.ndarray  # (T, 30) unified, denormalised
-    arrived: float
-    control_rate_hz: float
 
 
 @dataclass
@@ -170,13 +166,15 @@ class RobotRuntime:
     """Runs episodes of one ``Robot`` against a policy endpoint (see the module docstring for the behaviour).
 
     ``client`` / ``canary_client`` talk to ``settings.endpoint`` / ``settings.canary_endpoint`` (made from the settings
-    when not given, and closed by ``close`` then).
+    when not given, and closed by ``close`` then); any object with ``PolicyClient``'s methods will do (the gate's
+    ``InProcessClient``). ``timing``: deadlines and pacing (default: ``Timing.of(settings)``, real time).
     """
 
     def __init__(self, robot: Robot, settings: RobotSettings | None = None, client: PolicyClient | None = None,
-                 canary_client: PolicyClient | None = None) -> None:
+                 canary_client: PolicyClient | None = None, timing: Timing | None = None) -> None:
         self.robot = robot
         self.settings = settings or RobotSettings()
+        self.timing = timing or Timing.of(self.settings)
         self.adapter = get_adapter(robot.embodiment)  # unknown embodiment: ValueError naming the known ones
         if self.adapter.spec.native_action_dim != robot.limits.dim:
             raise ValueError(f"{type(robot).__name__} has {robot.limits.dim} action dims; embodiment "
@@ -198,18 +196,23 @@ class RobotRuntime:
             return STABLE
         return route_for(session_id, self.settings.canary_percent)
 
-    def run_episode(self, task: str, *, max_steps: int | None = None, episode_id: str | None = None) -> EpisodeStats:
+    def run_episode(self, task: str, *, max_steps: int | None = None, episode_id: str | None = None,
+                    seed: int | None = None) -> EpisodeStats:
         """One episode of ``task`` (the instruction sent at reset); never raises for runtime failures.
 
         Its session id is ``<robot_id>-<episode_id>`` (default: a random id), which also picks its endpoint.
+        ``seed``: the policy's sampler seed for the episode (default: the server derives one from the session id);
+        with lockstep timing, the same seed, model and robot give the same actions.
         """
         session_id = f"{self.settings.robot_id}-{episode_id or uuid.uuid4().hex[:12]}"
         if not SESSION_ID_PATTERN.fullmatch(session_id):
             raise ValueError(f"episode_id {episode_id!r} makes the session id {session_id!r}: use 1-128 of "
                              "[A-Za-z0-9._:-] in all")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
         route = self.route(session_id)
         client = self.canary_client if route == CANARY else self.client
-        self._episode = _Episode(self, client, route, task, session_id, max_steps or self.settings.max_steps)
+        self._episode = _Episode(self, client, route, task, session_id, max_steps or self.settings.max_steps, seed)
         try:
             return self._episode.run()
         finally:
@@ -243,14 +246,14 @@ class _Episode:
     """The state one episode's executor and requester share; every field below ``_cv`` is guarded by it."""
 
     def __init__(self, runtime: RobotRuntime, client: PolicyClient, route: str, task: str, session_id: str,
-                 max_steps: int | None) -> None:
+                 max_steps: int | None, seed: int | None) -> None:
         self.robot, self.client, self.s = runtime.robot, client, runtime.settings
-        self.adapter = runtime.adapter
-        self.task, self.session_id = task, session_id
+        self.adapter, self.timing = runtime.adapter, runtime.timing
+        self.task, self.session_id, self.seed = task, session_id, seed
         horizon = getattr(self.robot, "horizon", None)
         self.max_steps = max_steps or horizon or 10**9  # the wall-clock bound still applies
         self.stats = EpisodeStats(task=task, session_id=session_id, mode=self.s.mode, route=route,
-                                  endpoint=client.endpoint)
+                                  endpoint=client.endpoint, seed=seed)
         self.version: str | None = None  # the model version the episode is pinned to, from its first chunk
         # binds the server's session to this robot: its restarts may reset the id, nobody else can while it is live
         self.token = secrets.token_urlsafe(24)
@@ -259,10 +262,11 @@ class _Episode:
         self._epoch = 0  # bumped by the requester at every session (re)start
         self._exec_epoch = 0  # the epoch the executor has switched to
         self._latest: Observation | None = None
-        self._pending: deque[_Chunk] = deque()
+        self._pending: deque[Chunk] = deque()
         self._finished: deque[_Executed] = deque()
         self._resets_in_row = 0
-        self._stall_t: float | None = None  # executor only: when the current hold began
+        self._schedule: ChunkSchedule | None = None  # executor only, from the robot's reset on
+        self._digest = hashlib.sha1()  # executor only: the commands executed
 
     # --- orchestration --------------------------------------------------------------------------------------
 
@@ -314,26 +318,24 @@ class _Episode:
         except Exception as exc:  # the robot failed: nothing more may be commanded
             self._abort(f"robot: {type(exc).__name__}: {exc}")
         finally:
-            if self._stall_t is not None:  # the episode ended while holding
-                self.stats.stall_s += time.perf_counter() - self._stall_t
+            if self._schedule is not None:  # the episode may have ended while holding
+                self._schedule.close(time.perf_counter())
+            self.stats.actions_digest = self._digest.hexdigest()
             self._shutdown()
 
     def _execute_loop(self) -> None:
-        robot, st = self.robot, self.stats
+        robot, st, timing = self.robot, self.stats, self.timing
         obs = robot.reset()
         with self._cv:
             self._latest = obs
             self._cv.notify_all()
-        rate = self.s.control_rate_hz or self.adapter.spec.control_rate_hz
-        chunk: _Chunk | None = None
-        pos = 0
+        rate = timing.control_rate_hz or self.adapter.spec.control_rate_hz
+        schedule = self._schedule = ChunkSchedule(timing, time.perf_counter(), counts=st)
+        pacer = Pacer()
         frames: list[np.ndarray] = []
         actions: list[np.ndarray] = []
         states: list[np.ndarray] = []
-        need_t: float | None = time.perf_counter()
-        started = False  # has the episode's first chunk arrived
         last_action: np.ndarray | None = None
-        next_tick: float | None = None
         paused = False  # the robot waited for a chunk: its next step starts a new schedule (no catch-up burst)
         while True:
             if st.steps >= self.max_steps:
@@ -344,80 +346,68 @@ class _Episode:
                 if self._stop:
                     return
                 if self._exec_epoch != self._epoch:  # the session restarts: drop what belonged to the old one
-                    chunk, frames, actions, states = None, [], [], []
+                    schedule.drop()
+                    frames, actions, states = [], [], []
                     self._exec_epoch = self._epoch
                     self._cv.notify_all()
-                if chunk is None:
+                chunk = None
+                if schedule.wants_chunk:
                     while self._pending and self._pending[0].epoch != self._epoch:
                         self._pending.popleft()
-                    if self._pending:
-                        chunk, pos = self._pending.popleft(), 0
-                    now = time.perf_counter()
-                    if chunk is not None:
-                        st.chunks += 1
-                        if not self.s.control_rate_hz:
-                            rate = chunk.control_rate_hz
-                        if started and need_t is not None:
-                            if chunk.arrived <= need_t + self.s.deadline_s:
-                                st.on_time_chunks += 1
-                            else:
-                                st.late_chunks += 1
-                        started, need_t = True, None
-                        if self._stall_t is not None:
-                            st.stall_s += now - self._stall_t
-                            self._stall_t = None
-                    else:
-                        if need_t is None:
-                            need_t = now
-                        # before the first chunk the robot has not started: it waits as long as a request may take
-                        grace = self.s.deadline_s if started else self.s.request_timeout_s
-                        if self._stall_t is None and now < need_t + grace:
-                            if now >= self._deadline_at:
-                                return self.end("timeout")
-                            self._cv.wait(timeout=min(need_t + grace, self._deadline_at) - now)
-                            paused = True
-                            continue
-                        if self._stall_t is None:
-                            st.stalls += 1
-                            self._stall_t = now
+                    chunk = self._pending.popleft() if self._pending else None
+                now = time.perf_counter()
+                todo = schedule.next(now, chunk)
+                if chunk is not None and not timing.control_rate_hz:
+                    rate = chunk.control_rate_hz
+                if isinstance(todo, Wait):
+                    if now >= self._deadline_at:
+                        return self.end("timeout")
+                    until = min(todo.until, self._deadline_at)
+                    self._cv.wait(timeout=until - now if until < math.inf else None)  # a chunk's arrival wakes it
+                    paused = True
+                    continue
             state = obs.state
-            if chunk is not None:
-                native = self.adapter.to_native(chunk.targets[pos][None], state[None])[0]
+            if isinstance(todo, Act):
+                epoch = schedule.chunk.epoch
+                native = self.adapter.to_native(todo.target[None], state[None])[0]
                 action = robot.limits.clip(native)
                 if np.isclose(action, robot.limits.low).any() or np.isclose(action, robot.limits.high).any():
                     st.saturated_actions += 1
             else:
                 hold = self.s.hold_action
                 action = np.asarray(hold if hold is not None else robot.hold_action(last_action), np.float32)
-            next_tick = _pace(next_tick, 1.0 / rate, restart=paused)
+            if timing.paced:
+                now = time.perf_counter()
+                time.sleep(max(0.0, pacer.due(now, 1.0 / rate, restart=paused) - now))
             paused = False
             outcome = robot.step(action)
+            self._digest.update(np.asarray(action, np.float32).tobytes())
             obs = robot.observe()
             last_action = action
             st.steps += 1
             with self._cv:
                 self._latest = obs
-            if chunk is not None:
+            if outcome.success:
+                st.success, st.steps_to_success = True, st.steps
+            ends = "success" if outcome.success else "done" if outcome.done else \
+                "max_steps" if st.steps >= self.max_steps else None
+            if isinstance(todo, Act):
                 st.policy_steps += 1
                 frames.append(obs.frames)
                 actions.append(action)
                 states.append(state)
-                pos += 1
-                if pos == len(chunk.targets):
-                    done = _Executed(chunk.epoch, np.stack(frames), np.stack(actions), np.stack(states))
-                    with self._cv:
-                        if chunk.epoch == self._epoch:
-                            self._finished.append(done)
-                            self._cv.notify_all()
-                    chunk, frames, actions, states = None, [], [], []
-                    need_t = time.perf_counter()
+                if schedule.stepped(time.perf_counter()):
+                    if ends is None:  # the chunk that ends the episode is not reported: nobody runs the next one
+                        done = _Executed(epoch, np.stack(frames), np.stack(actions), np.stack(states))
+                        with self._cv:
+                            if epoch == self._epoch:
+                                self._finished.append(done)
+                                self._cv.notify_all()
+                    frames, actions, states = [], [], []
             else:
                 st.holds += 1
-            if outcome.success:
-                st.success, st.steps_to_success = True, st.steps
-                return self.end("success")
-            if outcome.done:
-                return self.end("done")
+            if ends is not None:
+                return self.end(ends)
 
     # --- requester (calling thread) -------------------------------------------------------------------------
 
@@ -437,6 +427,8 @@ class _Episode:
                 return
             except (SessionLost, RequestRejected) as err:
                 self._note(err)
+                if isinstance(err, NonFiniteChunk):
+                    self.stats.nan_chunks += 1
                 self._resets_in_row += 1
                 if self._resets_in_row > self.s.max_resets:
                     self._abort(f"gave up after {self.s.max_resets} session resets in a row; last error: "
@@ -457,7 +449,8 @@ class _Episode:
         # a restart carries the episode's version: the server starts it there or refuses
         resp = self._call(StepRequest(self.session_id, reset=True, instruction=self.task, mode=mode,
                                       cameras=tuple(self.robot.cameras), model_version=self.version,
-                                      session_token=self.token, images=obs.frames[None], state=obs.state[None]))
+                                      session_token=self.token, seed=self.seed, images=obs.frames[None],
+                                      state=obs.state[None]))
         self._check_endpoint(resp)
         if self.version is None:
             self.version = self.stats.model_version = resp.model_version
@@ -534,13 +527,16 @@ class _Episode:
                 raise _Abort(f"{err}: an episode never changes model version") from None
             if err.kind != "out_of_order":
                 self.stats.rejected_chunks += 1
+            if err.kind == "nan":
+                self.stats.nan_chunks += 1
             raise
-        self.stats.control_rate_hz = self.s.control_rate_hz or resp.control_rate_hz
+        if self.timing.paced:
+            self.stats.control_rate_hz = self.timing.control_rate_hz or resp.control_rate_hz
         if expected > 0:
             self._resets_in_row = 0  # the session is making progress again
         with self._cv:
             if epoch == self._epoch and not self._stop:
-                self._pending.append(_Chunk(epoch, expected, targets, time.perf_counter(), resp.control_rate_hz))
+                self._pending.append(Chunk(epoch, expected, targets, time.perf_counter(), resp.control_rate_hz))
                 self._cv.notify_all()
 
     def _next_executed(self, epoch: int) -> _Executed | None:
@@ -563,15 +559,3 @@ class _Episode:
                     return True
                 self._cv.wait(timeout=left)
             return False
-
-
-def _pace(next_tick: float | None, period: float, restart: bool = False) -> float:
-    """Sleep until ``next_tick``; returns the tick after it. A tick late by less than a period runs at once and keeps
-    the schedule; a later one, or any tick after a pause (``restart``), starts the schedule from now instead of
-    bursting to catch up."""
-    now = time.perf_counter()
-    if next_tick is None or now - next_tick > period or (restart and now > next_tick):
-        next_tick = now
-    elif next_tick > now:
-        time.sleep(next_tick - now)
-    return next_tick + period

@@ -16,6 +16,8 @@ sys.path.insert(0, str(MODEL_DIRS))
 from model_dirs import TASK, write_model_dir
 
 from pipelines.cli import main
+from pipelines.evaluate.policy import ChunkPolicy
+from pipelines.evaluate.rollout import run_episode
 from services.fleet.fleet import by_version, run_fleet, summarize_robot, table
 from services.fleet.settings import FleetSettings
 from services.policy_server.models import content_hash
@@ -121,3 +123,20 @@ def test_replay_robots_load_the_endpoint_beside_one_simulated_robot(server):
         assert r["episodes"] == 1 and r["errors"] == 0, r["error_examples"]
         assert r["chunks"] >= 3 and r["requests"] >= r["chunks"]
     assert replayed["steps"] == 24 and replayed["successes"] == 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_gate_and_a_fleet_robot_execute_the_same_actions(server, mode):
+    """One episode, two drivers: the gate's rollout (in-process server, lockstep simulator) and a fleet robot (its own
+    process, gRPC to the real server, paced in real time) on variant 0 with the same model and seed execute the same
+    action sequence, bit for bit. The robot's deadline is generous, so it never holds (a hold is a command the gate
+    never sends)."""
+    gate = run_episode(ChunkPolicy(server.model), TASK, 0, mode=mode, max_steps=24)
+    assert gate.error is None, gate.error
+    robot = RobotSettings(endpoint=server.grpc_endpoint, mode=mode, max_steps=24, deadline_ms=120_000,
+                          request_timeout_s=120.0)
+    rep = run_fleet(FleetSettings(robots=1, episodes=1, task=TASK, image_size=32), robot)
+    (episode,) = rep["episodes"]
+    assert episode["error"] is None and episode["variant"] == 0 and episode["holds"] == 0, episode
+    assert (episode["actions_digest"], episode["steps"], episode["success"], episode["chunks"]) == \
+        (gate.actions_digest, gate.steps, gate.success, gate.chunks)

@@ -106,3 +106,21 @@ def test_malformed_responses_are_rejected():
     infer.parameters = {"session_id": "r"}
     with pytest.raises(InvalidInput, match="lacks parameters"):
         from_infer_response(infer)
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_a_reset_carries_its_sampler_seed(transport):
+    rng = np.random.default_rng(1)
+    reset = StepRequest("r", reset=True, seed=2**62 + 7, images=rng.integers(0, 256, (1, 2, 32, 32, 3), np.uint8),
+                        state=rng.normal(size=(1, 4)).astype(np.float32))
+    assert from_infer_request(_via(transport, to_infer_request(reset))).seed == 2**62 + 7
+    assert from_infer_request(_via(transport, to_infer_request(StepRequest("r")))).seed is None
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, "7", True, 1.5])
+def test_a_seed_outside_int64_or_not_an_integer_is_refused(seed):
+    request = to_infer_request(StepRequest("r", reset=True, images=np.zeros((1, 2, 32, 32, 3), np.uint8),
+                                           state=np.zeros((1, 4), np.float32)))
+    request.parameters["seed"] = seed
+    with pytest.raises(InvalidInput, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        from_infer_request(request)
