@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.policy import Plan
 from pipelines.data.embodiments import get_adapter
 from pipelines.data.lerobot.format import CAMERA_PREFIX
 from pipelines.data.lerobot.reader import LeRobotDataset
 from pipelines.data.metaworld_collect import DEFAULT_CAMERAS, EMBODIMENT, dataset_name
-from pipelines.evaluate.policy import Plan
 
 
 class ReplayPolicy:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.evaluate.policy import ChunkPolicy
+from model.policy import ChunkPolicy
+from pipelines.data.embodiments import get_adapter
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_model(model: str | Path, data_dir: Path, device: str = "cpu") -> ModelH
     from pipelines.train.registry import resolve_model
 
     model_dir, name, number = resolve_model(model, data_dir)
-    policy = ChunkPolicy(model_dir, device=device)
+    policy = ChunkPolicy.load(model_dir, get_adapter, device=device)
     version = f"{name}/{number}" if name else f"dir-{content_hash(model_dir)}"
     return ModelHandle(policy, version, Path(model_dir), name, number)
 
