@@ -39,7 +39,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def main() -> None:
-    from pipelines.evaluate.policy import ChunkPolicy
+    from model.policy import ChunkPolicy
+    from pipelines.data.embodiments import get_adapter
     from pipelines.evaluate.rollout import evaluate
 
     parser = argparse.ArgumentParser()
@@ -61,7 +62,7 @@ def main() -> None:
         chunk_size = sampler.pop("chunk_size", None)
         for task in args.tasks.split(","):
             model_dir = args.runs / f"posttrain-{task}" / subdir
-            policy = partial(ChunkPolicy, str(model_dir), chunk_size=chunk_size, sampler=sampler)
+            policy = partial(ChunkPolicy.load, str(model_dir), get_adapter, chunk_size=chunk_size, sampler=sampler)
             report = evaluate(policy, [task], episodes=args.episodes, workers=args.workers, max_steps=args.max_steps,
                               videos_per_task=0)
             t = report["tasks"][task]

@@ -132,11 +132,11 @@ def bench_model_dir(path: Path, image_size: int, *, chunk_size: int = 4, seed: i
     """A self-contained tiny model directory taking two ``image_size`` px views and chunks of ``chunk_size`` x tau
     steps (the demo's 16 by default): the request shape of the demo without its training."""
     import torch
-    from safetensors.torch import save_file
 
     from model import LingBotVA, get_preset
+    from model.bundle import ActionSpace, PolicyBundle
     from model.encoders import VideoVAE
-    from model.normalization import ActionNormalizer
+    from model.normalization import ActionNormalizer, EmbodimentNorm
     from pipelines.data.embodiments import get_adapter
 
     config = get_preset("tiny", chunk_size=chunk_size)
@@ -151,16 +151,12 @@ def bench_model_dir(path: Path, image_size: int, *, chunk_size: int = 4, seed: i
     state = np.column_stack([rng.uniform(-0.3, 0.3, 500), rng.uniform(0.4, 0.8, 500), rng.uniform(0.05, 0.3, 500),
                              rng.uniform(0, 1, 500)])
     norm = ActionNormalizer.fit(adapter.to_unified(rng.uniform(-1, 1, (500, 4)), state))
-
-    def files(tmp: Path) -> None:
-        vae.save_pretrained(tmp / "vae")
-        save_file({"reach-v3": torch.randn(4, config.text_dim, generator=torch.Generator().manual_seed(1))},
-                  str(tmp / "text_embeddings.safetensors"))
-
-    space = {"embodiments": ["metaworld-sawyer"], "tasks": ["reach-v3"], "tau": config.tau,
-             "observation": {"cameras": ["corner4", "gripperPOV"], "latent_hw": [image_size // sc, 2 * image_size // sc]}}
-    return model.save_pretrained(path, normalization={"action": norm.to_dict()}, action_space=space,
-                                 write_files=files)
+    text = {"reach-v3": torch.randn(4, config.text_dim, generator=torch.Generator().manual_seed(1))}
+    space = ActionSpace(embodiments=(adapter.name,), tasks=("reach-v3",), tau=config.tau, instructions={"reach-v3": None},
+                        cameras=("corner4", "gripperPOV"), latent_hw=(image_size // sc, 2 * image_size // sc))
+    return PolicyBundle(model=model, vae=vae, text=text, action_space=space,
+                        normalization={adapter.name: EmbodimentNorm.from_normalizer(adapter.name, norm, adapter.mask)}
+                        ).save(path)
 
 
 def pick_model(arg: str | None, scratch: Path) -> tuple[Path, str]:
@@ -236,10 +232,11 @@ def measure_round_trips(endpoint: str, transport: str, policy, task: str, sessio
 def overhead_at(size: int, scratch: Path, sessions: int, steps: int, extra_args: Sequence[str] = (),
                 env: dict[str, str] | None = None) -> dict:
     """gRPC and REST overhead for requests of two ``size`` px views, one chunk of frames."""
-    from pipelines.evaluate.policy import ChunkPolicy
+    from model.policy import ChunkPolicy
+    from pipelines.data.embodiments import get_adapter
 
     model_dir = bench_model_dir(scratch / f"overhead-{size}", size)
-    policy = ChunkPolicy(model_dir)
+    policy = ChunkPolicy.load(model_dir, get_adapter)
     out: dict = {"image_size": size, "steps_per_chunk": policy.steps_per_chunk,
                  "model": "tiny preset written by the benchmark (its weights do not enter the overhead)",
                  "request": wire_bytes(session_requests("bytes", "reach-v3", 3, policy, 0)[-1])}
@@ -384,7 +381,8 @@ def main() -> None:
                "load_before": load()}
     t0 = time.perf_counter()
 
-    from pipelines.evaluate.policy import ChunkPolicy
+    from model.policy import ChunkPolicy
+    from pipelines.data.embodiments import get_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -395,7 +393,7 @@ def main() -> None:
         demo = overhead[f"{args.sizes.split(',')[0]}px"]  # the demo's size comes first
 
         model_dir, source = pick_model(args.model_dir, scratch)
-        policy = ChunkPolicy(model_dir)
+        policy = ChunkPolicy.load(model_dir, get_adapter)
         task = args.task or policy.tasks[0]
         info = {"cameras": list(policy.cameras), "image_size": policy.image_size or 96}
         replay = args.replay or next((str(p) for p in [REPO / "data" / "episodes" / f"metaworld-{task}"]

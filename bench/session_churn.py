@@ -97,9 +97,10 @@ def main() -> int:
             from model_dirs import write_model_dir
 
             model, origin = write_model_dir(Path(scratch) / "tiny-model"), "tiny model directory (untrained)"
-        from pipelines.evaluate.policy import ChunkPolicy
+        from model.policy import ChunkPolicy
+        from pipelines.data.embodiments import get_adapter
 
-        policy = ChunkPolicy(model)
+        policy = ChunkPolicy.load(model, get_adapter)
         size, views = policy.image_size or 32, len(policy.cameras)
         del policy
         server = ServerProcess(model, Path(scratch) / "server.log")

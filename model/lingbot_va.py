@@ -1,7 +1,8 @@
 """LingBot-VA: an autoregressive video-action world model on a Mixture-of-Transformers (paper §3).
 
 Public API (the only thing pipelines and services call):
-  * ``LingBotVA(config)`` / ``LingBotVA.from_pretrained(dir)`` / ``model.save_pretrained(dir)``
+  * ``LingBotVA(config)`` / ``LingBotVA.from_pretrained(dir)`` / ``model.save_pretrained(dir)`` (the network alone; a
+    policy with its normalisation, encoders and action space is a ``model.bundle.PolicyBundle``)
   * ``model.compute_loss(batch) -> {"loss", "dyn", "inv", "fdm"}`` — teacher forcing in one forward pass
   * ``model.session(text, action_mask, ...) -> Session`` — KV-cache inference (Alg. 1) with an FDM pass (Alg. 2)
 
@@ -312,14 +313,14 @@ class LingBotVA(nn.Module):
         return Session(self, text, action_mask, **kwargs)
 
     # ------------------------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, directory: str | os.PathLike, *, normalization: dict | None = None,
-                        action_space: dict | None = None, extra: dict | None = None,
+    def save_pretrained(self, directory: str | os.PathLike, *,
                         write_files: Callable[[Path], None] | None = None) -> Path:
-        """Write model.safetensors + config.json atomically (a crash never leaves a half-written directory).
+        """The network alone, atomically (a crash never leaves a half-written directory): model.safetensors +
+        config.json (``format_version`` and the model config), what ``from_pretrained`` (and post-training's
+        ``--init-from``) reads.
 
-        ``normalization`` (per-dimension stats used in training) and ``action_space`` (embodiment description)
-        travel with the weights so serving rebuilds preprocessing from this directory alone. ``write_files(tmp)``
-        may add more files (e.g. the encoders) to the directory before it is moved into place.
+        ``write_files(tmp)`` may add to the directory before it is moved into place: ``model.bundle.PolicyBundle.save``
+        adds what serving needs (normalisation, action space, VAE, instruction embeddings) this way.
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -327,8 +328,7 @@ class LingBotVA(nn.Module):
         try:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            meta = {"format_version": FORMAT_VERSION, "model": self.config.to_dict(),
-                    "normalization": normalization, "action_space": action_space, "extra": extra or {}}
+            meta = {"format_version": FORMAT_VERSION, "model": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if write_files is not None:
                 write_files(tmp)
@@ -347,9 +347,8 @@ class LingBotVA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> LingBotVA:
-        """Load a directory written by ``save_pretrained``; its extra fields are on ``model.checkpoint_meta``."""
-        meta = read_checkpoint_meta(directory)
-        config = LingBotConfig.from_dict(meta["model"])
+        """The network of a directory written by ``save_pretrained`` (or of a policy bundle, which holds one)."""
+        config = LingBotConfig.from_dict(read_checkpoint_meta(directory)["model"])
         model = cls(config.replace(action_init="random"))  # weights are loaded next; skip the init work
         model.config = config
         state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(map_location))
@@ -357,7 +356,6 @@ class LingBotVA(nn.Module):
         if missing or unexpected:
             raise ValueError(f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        model.checkpoint_meta = meta
         return model.to(map_location)
 
 
@@ -368,8 +366,11 @@ def read_checkpoint_meta(directory: str | os.PathLike) -> dict:
     if not cfg_path.is_file() or not w_path.is_file():
         raise ValueError(f"{directory} is not a LingBot-VA model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     meta = json.loads(cfg_path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
-        raise ValueError(f"{cfg_path} has unsupported format_version {meta.get('format_version')!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path} has format_version {meta.get('format_version')!r}; this code reads bundle "
+                         f"version {FORMAT_VERSION}")
+    if "model" not in meta:
+        raise ValueError(f"{cfg_path} (bundle version {FORMAT_VERSION}) has no model config")
     return meta
 
 

@@ -2,18 +2,25 @@
 
     a_norm = clip((a - q01) / (q99 - q01 + 1e-6) * 2 - 1, -clip, clip)
 
-The statistics travel in the model directory (``save_pretrained(normalization=...)``) so a served policy
+The statistics travel in the model directory (``model.bundle.PolicyBundle``, as ``EmbodimentNorm``) so a served policy
 de-normalises exactly as it was trained, whatever happens to the feature store later.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from model.config import ACTION_DIM
+
 EPS = 1e-6
+SNAPSHOT_FORMAT = "lingbot.features/v1"
+"""``format`` of a feature snapshot (``pipelines.data.features.snapshot``): the per-embodiment features a model trained
+with, as a policy bundle stores them."""
 
 
 @dataclass(frozen=True)
@@ -80,3 +87,53 @@ class ActionNormalizer:
         mean = np.asarray(d["mean"], np.float32) if d.get("mean") is not None else None
         std = np.asarray(d["std"], np.float32) if d.get("std") is not None else None
         return cls(np.asarray(d["q01"]), np.asarray(d["q99"]), mean, std, float(d.get("clip", 1.5)))
+
+
+@dataclass(frozen=True, eq=False)
+class EmbodimentNorm:
+    """One embodiment's action normalisation as a model trained with it (the normaliser and the channels it drives),
+    read from the feature snapshot a policy bundle stores, which is kept verbatim (state stats, limits and task
+    features travel with it, and a saved bundle writes it back unchanged)."""
+
+    embodiment: str
+    normalizer: ActionNormalizer
+    action_mask: np.ndarray
+    """(30,) bool, True on the unified channels the embodiment drives."""
+    snapshot: Mapping[str, Any]
+
+    @classmethod
+    def from_normalizer(cls, embodiment: str, normalizer: ActionNormalizer, action_mask: np.ndarray) -> EmbodimentNorm:
+        """Without a feature store (hand-made data, tests): a snapshot of the action stats and the mask alone."""
+        stats = {"action_q01": normalizer.q01, "action_q99": normalizer.q99, "action_mean": normalizer.mean,
+                 "action_std": normalizer.std}
+        stats = {k: np.asarray(v, np.float32) for k, v in stats.items() if v is not None}
+        snap = {"format": SNAPSHOT_FORMAT, "entities": {"embodiment": embodiment, "task": None},
+                "dtypes": {"norm_stats": {k: "float32" for k in stats}, "embodiment": {"action_mask": "bool"}},
+                "norm_stats": {k: v.tolist() for k, v in stats.items()},
+                "embodiment": {"action_mask": np.asarray(action_mask, bool).tolist()}, "task": None}
+        return cls.from_snapshot(snap)
+
+    @classmethod
+    def from_snapshot(cls, snap: Any, where: str = "normalization") -> EmbodimentNorm:
+        """The normaliser of a feature snapshot (``format`` ``SNAPSHOT_FORMAT``); ``where`` names it in errors."""
+        if not isinstance(snap, Mapping) or snap.get("format") != SNAPSHOT_FORMAT:
+            found = sorted(snap) if isinstance(snap, Mapping) else type(snap).__name__
+            raise ValueError(f"{where} must be a feature snapshot (format {SNAPSHOT_FORMAT!r}), found {found}")
+        stats, features = snap.get("norm_stats"), snap.get("embodiment")
+        name = (snap.get("entities") or {}).get("embodiment")
+        if not isinstance(stats, Mapping) or not isinstance(features, Mapping) or not name:
+            raise ValueError(f"{where}: a feature snapshot needs norm_stats, embodiment and entities.embodiment")
+        missing = [f"norm_stats.{k}" for k in ("action_q01", "action_q99") if stats.get(k) is None]
+        missing += [] if features.get("action_mask") is not None else ["embodiment.action_mask"]
+        if missing:
+            raise ValueError(f"{where}: the snapshot of {name!r} lacks {missing}")
+        mask = np.asarray(features["action_mask"], bool)
+        if mask.shape != (ACTION_DIM,):
+            raise ValueError(f"{where}: action_mask of {name!r} must have {ACTION_DIM} entries, got shape {mask.shape}")
+
+        def vector(key: str) -> np.ndarray | None:
+            return None if stats.get(key) is None else np.asarray(stats[key], np.float32)
+
+        normalizer = ActionNormalizer(vector("action_q01"), vector("action_q99"), vector("action_mean"),
+                                      vector("action_std"))
+        return cls(str(name), normalizer, mask, snap)

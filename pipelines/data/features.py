@@ -36,6 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from model.normalization import SNAPSHOT_FORMAT
+
 if TYPE_CHECKING:
     from feast import Entity, FeatureStore, FeatureView, RepoConfig
 
@@ -49,7 +51,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPO_PATH = REPO_ROOT / "infra" / "feast"
 UNIFIED_ACTION_DIM = 30
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-SNAPSHOT_FORMAT = "lingbot.features/v1"
 
 # read_features' result section -> (feature view, entity join key)
 SECTIONS = {"norm_stats": ("norm_stats", "embodiment"), "embodiment": ("embodiment_meta", "embodiment"),

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.policy import Plan
 from pipelines.data.embodiments import get_adapter
 from pipelines.data.lerobot.format import CAMERA_PREFIX
 from pipelines.data.lerobot.reader import LeRobotDataset
 from pipelines.data.metaworld_collect import DEFAULT_CAMERAS, EMBODIMENT, dataset_name
-from pipelines.evaluate.policy import Plan
 
 
 class ReplayPolicy:
@@ -53,6 +53,12 @@ class ReplayPolicy:
             ep = LeRobotDataset(root).episode(self.demo)
             self._targets[task] = self.adapter.to_unified(ep.actions, ep.state)
         return self._targets[task]
+
+    def native_actions(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """A plan's unified actions (N, 30) as native commands (N, A) against the state (S,) at planning time, as
+        ``ChunkPolicy.native_actions`` (the policy server's engine, which the gate runs in process, calls it)."""
+        states = np.repeat(np.asarray(state, np.float64).reshape(1, -1), len(unified), axis=0)
+        return self.adapter.to_native(np.asarray(unified, np.float64), states).astype(np.float32)
 
     def episode(self, task: str, seed: int) -> _ReplayEpisode:
         return _ReplayEpisode(self, self.targets(task))

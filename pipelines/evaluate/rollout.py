@@ -32,7 +32,8 @@ os.environ.setdefault("MUJOCO_GL", "osmesa")
 import numpy as np
 import torch
 
-from pipelines.evaluate.policy import ChunkPolicy
+from model.policy import ChunkPolicy
+from pipelines.data.embodiments import get_adapter
 from services.policy_server.inprocess import InProcessClient
 from services.robot_client.metaworld import MetaWorldRobot, episode_seed
 from services.robot_client.robot import Observation, StepOutcome
@@ -152,7 +153,7 @@ _POLICY = None
 def _init_worker(model_dir: str | Callable, device: str, threads: int) -> None:
     torch.set_num_threads(threads)
     global _POLICY
-    _POLICY = model_dir() if callable(model_dir) else ChunkPolicy(model_dir, device=device)
+    _POLICY = model_dir() if callable(model_dir) else ChunkPolicy.load(model_dir, get_adapter, device=device)
 
 
 def _job(args: tuple) -> dict:
@@ -178,7 +179,7 @@ def evaluate(model_dir: str | Path | Callable, tasks: list[str], *, episodes: in
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     # fail fast (bad directory, unknown task) before forking
-    known = model_dir().tasks if callable(model_dir) else ChunkPolicy(model_dir, device="cpu").tasks
+    known = model_dir().tasks if callable(model_dir) else ChunkPolicy.load(model_dir, get_adapter).tasks
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"the model has no instruction for tasks {unknown}; it was trained on {known}")

@@ -7,10 +7,11 @@
     example = policy.input_example                      # what a robot sends: camera frames, state, instruction
     out = policy.predict(example, params={"seed": 0})  # {"actions": (N, K*tau, A) native, "unified_actions": ...}
 
-The logged model is an MLflow pyfunc (``LingBotPyfunc``) whose only artifact is the ``save_pretrained`` directory
-(weights, config, normalisation stats, action space, the VAE and the instruction embeddings), so what is served is
-exactly what training wrote; it runs the same ``pipelines.evaluate.policy.ChunkPolicy`` as the gate and the policy
-server (camera frames -> VAE latents -> one chunk -> the embodiment's native actions).
+The logged model is an MLflow pyfunc (``LingBotPyfunc``) whose only artifact is the policy bundle training wrote
+(``model.bundle.PolicyBundle``: weights, config, normalisation stats, action space, the VAE and the instruction
+embeddings), so what is served is exactly what training wrote; it is a thin wrapper over the same
+``model.policy.ChunkPolicy`` as the gate and the policy server (camera frames -> VAE latents -> one chunk -> the
+embodiment's native actions).
 
 MLflow 3.17 behaviours this module relies on or works around:
   * ``log_model(name=...)``: ``artifact_path`` is deprecated in 3.x; the model becomes a LoggedModel (``models:/m-...``)
@@ -48,7 +49,8 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from model.config import ACTION_DIM
 from model.lingbot_va import read_checkpoint_meta
-from model.normalization import ActionNormalizer
+from model.policy import ChunkPolicy
+from pipelines.data.embodiments import get_adapter
 
 try:  # MLflow's own limit, so a param never fails to log; the constant is internal, hence the fallback
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -69,8 +71,8 @@ CODE_PACKAGES = ("model", "pipelines")
 """The project's packages the pyfunc imports, copied into every logged model (``code_paths``)."""
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "diffusers", "transformers", "pydantic",
                 "pydantic-settings", "pyarrow", "pyyaml")
-"""Third-party distributions the pyfunc's load and predict path imports (``model``, ``pipelines.evaluate.policy``,
-``pipelines.data.embodiments`` / ``features``, ``pipelines.train.tracking`` / ``settings``)."""
+"""Third-party distributions the pyfunc's load and predict path imports (``model``, ``pipelines.data.embodiments`` /
+``features``, ``pipelines.train.tracking`` / ``settings``)."""
 
 # Registered model names may not contain "/" or ":" (MLflow); keep task names to a plain slug so that
 # "models:/lingbot-va-<task>@alias" URIs need no quoting either.
@@ -108,10 +110,8 @@ class LingBotPyfunc(mlflow.pyfunc.PythonModel):
         self.load_model_dir(context.artifacts[MODEL_DIR_ARTIFACT])
 
     def load_model_dir(self, model_dir: str | Path) -> None:
-        """Load a ``save_pretrained`` directory directly (what ``load_context`` does; usable without MLflow)."""
-        from pipelines.evaluate.policy import ChunkPolicy  # lazy: it imports this module
-
-        self.policy = ChunkPolicy(model_dir, device="cpu")
+        """Load a policy bundle directly (what ``load_context`` does; usable without MLflow)."""
+        self.policy = ChunkPolicy.load(model_dir, get_adapter, device="cpu")
 
     @property
     def model(self):
@@ -151,17 +151,9 @@ class LingBotPyfunc(mlflow.pyfunc.PythonModel):
         instructions = [str(x) for x in np.asarray(request["instruction"], dtype=object).reshape(-1)]
         if len(instructions) != n:
             raise ValueError(f"instruction must hold one task per robot ({n}), got {len(instructions)}")
-        seed = _seed((params or {}).get("seed"))
-        episodes = [p.episode(task, seed=seed) for task in instructions]  # ValueError for an unknown task
-        for episode, frames in zip(episodes, images, strict=True):
-            episode.start(frames)
-        unified, native = [], []
-        for plan, robot_state in zip(p.plan_many(episodes), state, strict=True):
-            if not np.isfinite(plan.actions).all():
-                raise ValueError("the model produced non-finite actions")
-            unified.append(plan.actions.astype(np.float32))
-            native.append(p.native_actions(plan.actions, robot_state))
-        return {"actions": np.stack(native), "unified_actions": np.stack(unified)}
+        # ValueError for an unknown task or non-finite actions
+        unified, native = p.first_chunks(images, state, instructions, seed=_seed((params or {}).get("seed")))
+        return {"actions": native, "unified_actions": unified}
 
 
 def policy_signature(policy) -> ModelSignature:
@@ -197,49 +189,6 @@ def describe(policy, registered_name: str) -> str:
             f"(N, {policy.steps_per_chunk}, 30). Later chunks of an episode need its executed actions and frames: "
             "serve it with `lingbot serve` (KServe V2 sessions). Load: `mlflow.pyfunc.load_model(uri)`; "
             "`model.input_example` is a request.")
-
-
-def parse_normalization(norm: Mapping | None) -> dict[str | None, tuple[ActionNormalizer, np.ndarray | None]]:
-    """Action stats of a model directory's ``normalization`` entry, per embodiment (key None when unnamed).
-
-    Accepts a feature snapshot (``pipelines.data.features.snapshot``: ``norm_stats.action_q01/q99``, and the
-    embodiment's ``action_mask``), an ``ActionNormalizer.to_dict()`` under ``"action"`` or bare, or
-    ``{"embodiments": {name: either of those}}`` for multi-embodiment checkpoints. None/empty -> {}.
-    """
-    if not norm:
-        return {}
-    if not isinstance(norm, Mapping):
-        raise ValueError(f"checkpoint normalization must be a dict, got {type(norm).__name__}")
-    if "embodiments" in norm and not {"norm_stats", "action", "q01"} & set(norm):
-        out: dict[str | None, tuple[ActionNormalizer, np.ndarray | None]] = {}
-        for name, sub in (norm["embodiments"] or {}).items():
-            for stats in parse_normalization(sub).values():  # one entry each; keyed by the outer name
-                out[name] = stats
-        return out
-    if "norm_stats" in norm:
-        from pipelines.data.features import load_snapshot  # lazy: pulls pyarrow/yaml, not needed otherwise
-
-        features = load_snapshot(norm)
-        stats = features["norm_stats"]
-        normalizer = ActionNormalizer(stats["action_q01"], stats["action_q99"], stats.get("action_mean"),
-                                      stats.get("action_std"))
-        emb = features.get("embodiment") or {}
-        mask = np.asarray(emb["action_mask"], bool) if emb.get("action_mask") is not None else None
-        return {(features.get("entities") or {}).get("embodiment"): (normalizer, mask)}
-    return {None: (ActionNormalizer.from_dict(norm.get("action") or norm), None)}
-
-
-def _mask_from_action_space(space: Mapping | None) -> np.ndarray | None:
-    """Default action mask from ``action_space`` (an explicit 30-mask, or the indices of the active channels)."""
-    if not isinstance(space, Mapping):
-        return None
-    if space.get("action_mask") is not None:
-        return np.asarray(space["action_mask"], bool)
-    if space.get("active_channels") is not None:
-        mask = np.zeros(ACTION_DIM, bool)
-        mask[np.asarray(space["active_channels"], int)] = True
-        return mask
-    return None
 
 
 def _as_request(model_input: Any) -> dict[str, Any]:
@@ -320,8 +269,6 @@ def log_and_register(model_dir: Path, *, registered_name: str, alias: str = "cha
     number of ``registered_name``; ``alias`` now points to it. A directory that cannot be served as a policy
     (no VAE or instruction embeddings, several embodiments) is a ValueError before anything is logged.
     """
-    from pipelines.evaluate.policy import ChunkPolicy  # lazy: it imports this module
-
     model_dir = Path(model_dir)
     read_checkpoint_meta(model_dir)  # fail here, with a clear message, rather than after the slow upload
     active = mlflow.active_run()
@@ -329,7 +276,7 @@ def log_and_register(model_dir: Path, *, registered_name: str, alias: str = "cha
         raise ValueError("log_and_register needs an active MLflow run or a run_id")
     if run_id is not None and active is not None and active.info.run_id != run_id:
         raise ValueError(f"run_id {run_id} is not the active run {active.info.run_id}; end that run first")
-    policy = ChunkPolicy(model_dir)
+    policy = ChunkPolicy.load(model_dir, get_adapter)
     example = synthetic_example(policy)
     if input_example is not None:
         check = LingBotPyfunc()
@@ -408,7 +355,6 @@ __all__ = [
     "flatten_params",
     "load_registered",
     "log_and_register",
-    "parse_normalization",
     "policy_signature",
     "registered_name_for",
 ]

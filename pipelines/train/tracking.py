@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import LingBotVA
+from model.bundle import TEXT_FILE, ActionSpace, PolicyBundle
+from model.normalization import ActionNormalizer, EmbodimentNorm
+from pipelines.data.embodiments import get_adapter
 from pipelines.train.settings import TrainSettings
 
 
@@ -34,8 +38,8 @@ def data_version(index: dict) -> str:
     return hashlib.md5(json.dumps([versions, episodes]).encode()).hexdigest()
 
 
-def model_metadata(settings: TrainSettings, index: dict) -> tuple[dict, dict, dict]:
-    """(normalization, action_space, extra) stored in the model directory, so serving needs nothing else."""
+def model_metadata(settings: TrainSettings, index: dict) -> tuple[dict[str, EmbodimentNorm], ActionSpace, dict]:
+    """(normalisation per embodiment, action space, extra) of the model directory, so serving needs nothing else."""
     from pipelines.data.features import FeatureRepo, read_features, snapshot
 
     tasks = sorted({e["task"] for e in index["episodes"] if settings.trains_on(e["task"])})
@@ -44,46 +48,47 @@ def model_metadata(settings: TrainSettings, index: dict) -> tuple[dict, dict, di
         repo = FeatureRepo(data_dir=settings.feast)
         features = {emb: snapshot(read_features(emb, settings.task, repo=repo)) for emb in embodiments}
     except ValueError:  # no feature store next to these latents (e.g. hand-made shards): use the encoded stats
-        features = {emb: {"action": index["normalization"][emb]["action"]} for emb in embodiments
-                    if emb in index.get("normalization", {})}
-    main = embodiments[0] if len(embodiments) == 1 else None
-    normalization = features.get(main, {"embodiments": features})
-    action_space = {"embodiments": embodiments, "tasks": tasks, "tau": index["tau"],
-                    "instructions": {t: index["instructions"].get(t) for t in tasks}}
+        features = None
+    if features is not None:
+        normalization = {emb: EmbodimentNorm.from_snapshot(snap) for emb, snap in features.items()}
+    else:
+        encoded = index.get("normalization", {})
+        normalization = {emb: EmbodimentNorm.from_normalizer(emb, ActionNormalizer.from_dict(encoded[emb]["action"]),
+                                                             get_adapter(emb).mask)
+                         for emb in embodiments if emb in encoded}
     entries = [e for e in index["episodes"] if e["task"] in tasks]
-    action_space["observation"] = {"cameras": entries[0].get("cameras") if entries else None,
-                                   "latent_hw": entries[0].get("latent_hw") if entries else None}
+    action_space = ActionSpace(embodiments=tuple(embodiments), tasks=tuple(tasks), tau=index["tau"],
+                               instructions={t: index["instructions"].get(t) for t in tasks},
+                               cameras=tuple(entries[0].get("cameras") or ()) if entries else (),
+                               latent_hw=tuple(entries[0].get("latent_hw") or ()) if entries else ())
     extra = {"stage": settings.stage, "settings": json.loads(settings.model_dump_json()), "data_version": data_version(index),
              "encoders": {"vae": index.get("vae"), "text": {"file": TEXT_FILE, "text_len": index.get("text_len")}}}
     return normalization, action_space, extra
 
 
-TEXT_FILE = "text_embeddings.safetensors"
 LOSS_FILE = "loss.csv"
 """Per-step losses in the run dir (``dvc plots``)."""
 LOSS_COLUMNS = ("loss", "L_dyn", "L_inv", "L_fdm", "val_loss", "val_dyn", "val_inv", "val_fdm")
 REGISTERED_FILE = "registered.json"
 """The version this run registered (name, version, run, data hashes), in the run dir: the evaluate stage's input."""
-VAE_DIR = "vae"
 
 
-def encoder_files(settings: TrainSettings, index: dict):
-    """``write_files`` for save_pretrained: the VAE the latents came from and the tasks' instruction embeddings.
+def policy_bundle(model: LingBotVA, settings: TrainSettings, index: dict) -> PolicyBundle:
+    """The model directory of a run: ``model`` with the features it trained with, the VAE the latents came from and
+    the tasks' instruction embeddings.
 
     With them the model directory is all a rollout or a server needs: camera frames -> the same latents as in
     training, and a task name -> its instruction embedding (no text encoder at serving time).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from pipelines.data.encode import load_vae
 
-    def write(directory: Path) -> None:
-        text = load_file(str(settings.latents / "text.safetensors"))
-        tasks = sorted({e["task"] for e in index["episodes"] if settings.trains_on(e["task"])})
-        save_file({t: text[t].contiguous() for t in tasks if t in text}, str(directory / TEXT_FILE))
-        load_vae(settings.latents, index).save_pretrained(directory / VAE_DIR)
-
-    return write
+    normalization, action_space, extra = model_metadata(settings, index)
+    text = load_file(str(settings.latents / "text.safetensors"))
+    return PolicyBundle(model=model, vae=load_vae(settings.latents, index),
+                        text={t: text[t] for t in action_space.tasks if t in text}, normalization=normalization,
+                        action_space=action_space, extra=extra)
 
 
 def example_observation(settings: TrainSettings, index: dict) -> dict[str, np.ndarray] | None:

@@ -9,7 +9,7 @@ position. Micro-batch i of the run (counted over all ranks) draws its windows an
 resumes (through a universal checkpoint, ``checkpoint.py``) with the next unseen micro-batches, and with
 ``world x grad_accum`` unchanged it reproduces the uninterrupted run's steps. DeepSpeed writes the ``latest`` pointer
 only after a checkpoint is complete, so a crash mid-save resumes from the previous one. The final model is a
-consolidated ``save_pretrained`` directory with the features it trained with.
+consolidated policy bundle (``model.bundle``) with the features it trained with.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def _save_final(engine, settings: TrainSettings, index: dict, tracker, ema: Weig
 def _write_model_dir(engine, settings: TrainSettings, index: dict, tracker, out: Path | None) -> Path:
     import deepspeed
 
-    from pipelines.train.tracking import encoder_files, model_metadata
+    from pipelines.train.tracking import policy_bundle
 
     model: LingBotVA = engine.module
     out = out or settings.output / "model"
@@ -267,9 +267,7 @@ def _write_model_dir(engine, settings: TrainSettings, index: dict, tracker, out:
         settings.output.mkdir(parents=True, exist_ok=True)
         (settings.output / f"param_digest.rank{int(os.environ.get('RANK', 0))}.txt").write_text(digest)
         if int(os.environ.get("RANK", 0)) == 0:
-            normalization, action_space, extra = model_metadata(settings, index)
-            model.save_pretrained(out, normalization=normalization, action_space=action_space, extra=extra,
-                                  write_files=encoder_files(settings, index))
+            policy_bundle(model, settings, index).save(out)
     if dist.is_initialized():
         dist.barrier()
     if tracker:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from kserve.errors import InferenceError, InvalidInput
 
-from pipelines.evaluate.policy import EpisodePolicy, Plan
+from model.policy import EpisodePolicy, Plan
 from services.policy_server import metrics
 from services.policy_server.batcher import Batcher, Job
 from services.policy_server.guards import Forbidden, show
@@ -308,8 +308,7 @@ class PolicyEngine:
         if not np.isfinite(targets).all():
             raise InferenceError(f"{NON_FINITE} for session {session.session_id}; the "
                                  "session was closed: send reset=true")
-        state = np.repeat(step.state[None], len(targets), axis=0)
-        native = policy.adapter.clip_actions(policy.adapter.to_native(targets, state)).astype(np.float32)
+        native = policy.native_actions(targets, step.state)
         chunk = session.returned
         session.returned += 1
         session.last_plan = plan

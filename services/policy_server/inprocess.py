@@ -2,10 +2,10 @@
 
 ``RobotRuntime`` drives an ``InProcessClient`` exactly as it drives an endpoint: every request is encoded and parsed
 with the wire contract's own functions (``services.protocol``: the same dtypes, checks and refusals) and served by a
-``PolicyEngine``, the server's core. The gate's rollouts run so (``pipelines.evaluate.rollout``), which makes the
-gate's episodes the ones a fleet robot runs against a real endpoint, action for action.
+``PolicyEngine``, the server's core. The gate's rollouts run so (the evaluate step's ``rollout`` module), which
+makes the gate's episodes the ones a fleet robot runs against a real endpoint, action for action.
 
-    with contextlib.closing(InProcessClient.serving(policy)) as client:   # a ChunkPolicy or a policy like it
+    with contextlib.closing(InProcessClient.serving(policy)) as client:   # a model.policy.ChunkPolicy or one like it
         runtime = RobotRuntime(robot, settings, client=client, timing=Timing.lockstep())
         stats = runtime.run_episode("reach-v3", seed=0)
 """

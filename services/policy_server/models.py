@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.evaluate.policy import ChunkPolicy
+from model.policy import ChunkPolicy
+from pipelines.data.embodiments import get_adapter
 from pipelines.settings import parse_model_uri
 from pipelines.tracking_store import resolve_model
 
@@ -41,7 +42,7 @@ def load_model(model: str | Path, data_dir: Path, device: str = "cpu") -> ModelH
     """A registry URI (``models:/<name>@<alias>`` / ``models:/<name>/<version>``, downloaded under ``data_dir``) or a
     model directory, loaded as a ``ChunkPolicy``. Uses the current MLflow tracking URI; bad input raises ValueError."""
     model_dir, name, number = resolve_model(model, data_dir)
-    policy = ChunkPolicy(model_dir, device=device)
+    policy = ChunkPolicy.load(model_dir, get_adapter, device=device)
     version = f"{name}/{number}" if name else f"dir-{content_hash(model_dir)}"
     return ModelHandle(policy, version, Path(model_dir), name, number)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipelines.evaluate.policy import EpisodePolicy, Plan
+from model.policy import EpisodePolicy, Plan
 from services.policy_server.models import ModelHandle
 
 _REMEMBER_EVICTED = 4096  # evicted ids kept for the error message

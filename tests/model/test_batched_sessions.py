@@ -13,7 +13,7 @@ from model import LingBotVA, get_preset
 from model.session import Session, imagine_many, predict_chunks
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "pipelines" / "evaluate"))
-from model_dirs import TASK, write_model_dir
+from model_dirs import TASK, load_policy, write_model_dir
 
 TINY = get_preset("tiny")
 C, H, W, TAU, A = TINY.latent_channels, 4, 8, TINY.tau, TINY.action_channels
@@ -201,9 +201,7 @@ def test_imagine_many_checks_the_action_chunks():
 
 # --------------------------------------------------------------------------------------------- policy level
 def test_policy_plan_many_equals_per_episode_plans(tmp_path):
-    from pipelines.evaluate.policy import ChunkPolicy
-
-    policy = ChunkPolicy(write_model_dir(tmp_path / "model"))
+    policy = load_policy(write_model_dir(tmp_path / "model"))
     rng = np.random.default_rng(0)
     side, views = policy.image_size, len(policy.cameras)
     frames0 = [rng.integers(0, 256, (views, side, side, 3), dtype=np.uint8) for _ in HISTORY]

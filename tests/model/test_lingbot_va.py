@@ -287,12 +287,10 @@ def test_tiny_overfits_and_sampling_reproduces_actions():
 # --------------------------------------------------------------------------------------------- checkpoints
 def test_save_load_round_trip(tmp_path):
     model = tiny_model(fdm_loss_weight=0.5)
-    stats = {"q01": [0.0] * 30, "q99": [1.0] * 30}
-    path = model.save_pretrained(tmp_path / "m", normalization=stats, action_space={"embodiment": "synthetic"})
-    model.save_pretrained(tmp_path / "m", normalization=stats)  # overwrite in place, atomically
+    path = model.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")  # overwrite in place, atomically
     loaded = LingBotVA.from_pretrained(path)
     assert loaded.config == model.config
-    assert loaded.checkpoint_meta["normalization"] == stats
     batch = tiny_batch()
     a = model.compute_loss(batch, generator=torch.Generator().manual_seed(0))
     b = loaded.eval().compute_loss(batch, generator=torch.Generator().manual_seed(0))

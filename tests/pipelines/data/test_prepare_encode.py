@@ -191,13 +191,23 @@ def test_nothing_usable_fails(tmp_path):
 
 
 def test_model_directory_snapshots_the_features_it_trained_with(data, tmp_path):
+    from model.bundle import ActionSpace, PolicyBundle
+    from model.encoders import VideoVAE
+    from model.normalization import EmbodimentNorm
     from pipelines.data.features import load_snapshot, snapshot
 
     feats = read_features("metaworld-sawyer", "task-a", repo=FeatureRepo(data_dir=data / "feast"))
-    path = LingBotVA(TINY).save_pretrained(tmp_path / "m", normalization=snapshot(feats))
-    restored = load_snapshot(LingBotVA.from_pretrained(path).checkpoint_meta["normalization"])
+    space = ActionSpace(embodiments=("metaworld-sawyer",), tasks=("task-a",), tau=TINY.tau, instructions={},
+                        cameras=("corner4",), latent_hw=(2, 2))
+    bundle = PolicyBundle(model=LingBotVA(TINY), vae=VideoVAE.small(TINY.latent_channels, 8, 1),
+                          text={"task-a": torch.zeros(4, TINY.text_dim)}, action_space=space,
+                          normalization={"metaworld-sawyer": EmbodimentNorm.from_snapshot(snapshot(feats))})
+    norm = PolicyBundle.load(bundle.save(tmp_path / "m")).normalization["metaworld-sawyer"]
+    restored = load_snapshot(norm.snapshot)
     assert np.array_equal(restored["norm_stats"]["action_q99"], feats["norm_stats"]["action_q99"])
     assert np.array_equal(restored["embodiment"]["action_mask"], feats["embodiment"]["action_mask"])
+    assert np.array_equal(norm.normalizer.q99, feats["norm_stats"]["action_q99"])
+    assert np.array_equal(norm.action_mask, feats["embodiment"]["action_mask"])
 
 
 @pytest.mark.parametrize("step", ["prepare", "encode"])

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from model_dirs import TASK, write_model_dir
+from model_dirs import TASK, load_policy, write_model_dir
 
 from model import LingBotVA, get_preset
-from pipelines.evaluate.policy import ChunkPolicy
+from model.policy import ChunkPolicy
 from pipelines.evaluate.rollout import evaluate, run_episode, table
 
 
@@ -20,7 +20,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def policy(model_dir) -> ChunkPolicy:
-    return ChunkPolicy(model_dir)
+    return load_policy(model_dir)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -44,7 +44,7 @@ def test_sync_and_async_plan_differently_but_both_run(policy):
 
 
 def test_nan_actions_fail_the_episode_instead_of_crashing(tmp_path):
-    bad = ChunkPolicy(write_model_dir(tmp_path / "bad", nan=True))
+    bad = load_policy(write_model_dir(tmp_path / "bad", nan=True))
     r = run_episode(bad, TASK, 0, max_steps=24)
     assert r.nan and not r.success and r.steps == 0 and r.error is None
     report = evaluate(tmp_path / "bad", [TASK], episodes=2, workers=1, max_steps=24)
@@ -77,12 +77,12 @@ def test_unknown_task_and_bad_directory_fail_fast(model_dir, tmp_path):
         evaluate(model_dir, ["push-v3"], episodes=1, workers=1)
     LingBotVA(get_preset("tiny")).save_pretrained(tmp_path / "old")
     with pytest.raises(ValueError, match="self-contained"):
-        ChunkPolicy(tmp_path / "old")
+        load_policy(tmp_path / "old")
 
 
 def test_sampler_overrides_reach_the_session_and_unknown_ones_are_named(model_dir):
-    ep = ChunkPolicy(model_dir, sampler={"video_cfg": 1.0, "video_steps": 2}).episode(TASK, seed=0)
+    ep = load_policy(model_dir, sampler={"video_cfg": 1.0, "video_steps": 2}).episode(TASK, seed=0)
     assert (ep.session.video_cfg, ep.session.video_steps, ep.session.rows) == (1.0, 2, 1)  # no CFG: one row
-    assert ChunkPolicy(model_dir).episode(TASK, seed=0).session.video_cfg == get_preset("tiny").video_cfg
+    assert load_policy(model_dir).episode(TASK, seed=0).session.video_cfg == get_preset("tiny").video_cfg
     with pytest.raises(ValueError, match=r"unknown sampler settings \['video_cfgg'\]"):
-        ChunkPolicy(model_dir, sampler={"video_cfgg": 1.0})
+        load_policy(model_dir, sampler={"video_cfgg": 1.0})

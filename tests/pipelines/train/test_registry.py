@@ -24,16 +24,13 @@ import pytest
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from model import LingBotVA, get_preset
-from model.normalization import ActionNormalizer
 from pipelines.data.embodiments import METAWORLD_CAMERAS
-from pipelines.data.features import snapshot
 from pipelines.settings import default_tracking_uri
 from pipelines.tracking_store import ensure_experiment, resolve_model
 from pipelines.train.registry import (
     flatten_params,
     load_registered,
     log_and_register,
-    parse_normalization,
     registered_name_for,
 )
 
@@ -42,12 +39,6 @@ from model_dirs import write_model_dir  # the evaluation tests' self-contained m
 
 NAME = "lingbot-va-test"
 REPO = Path(__file__).resolve().parents[3]
-
-
-def _stats() -> tuple[np.ndarray, np.ndarray]:
-    # far from the normalised range [-1.5, 1.5], so de-normalised actions cannot be mistaken for raw ones
-    q01 = 10.0 + np.arange(30, dtype=np.float32)
-    return q01, q01 + 5.0
 
 
 def _refuse_network(self, address, *args, **kwargs):
@@ -196,22 +187,6 @@ def test_the_champion_loads_and_predicts_without_the_project(reg, tmp_path):
     assert not result["pipelines"].startswith(str(REPO))  # imported from the model's own code/ copy
     expected = reg.model.predict(reg.model.input_example)["actions"]
     np.testing.assert_allclose(np.asarray(result["actions"], np.float32), expected, atol=1e-5)
-
-
-def test_normalization_snapshot_and_multi_embodiment_stats():
-    q01, q99 = _stats()
-    mask = np.zeros(30, bool)
-    mask[:7] = True
-    features = {"entities": {"embodiment": "franka", "task": None}, "task": None,
-                "norm_stats": {"action_q01": q01, "action_q99": q99, "action_mean": (q01 + q99) / 2,
-                               "action_std": np.ones(30, np.float32)},
-                "embodiment": {"action_mask": mask}}
-    stats = parse_normalization(snapshot(features))
-    assert list(stats) == ["franka"]
-    np.testing.assert_allclose(stats["franka"][0].q99, q99)
-    assert (stats["franka"][1] == mask).all()
-    multi = {"embodiments": {"franka": snapshot(features), "aloha": {"action": ActionNormalizer(-q99, -q01).to_dict()}}}
-    assert sorted(parse_normalization(multi)) == ["aloha", "franka"]
 
 
 @pytest.mark.parametrize(("stage", "task", "name"), [

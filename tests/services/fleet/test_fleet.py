@@ -15,8 +15,9 @@ from server_process import MODEL_DIRS, ServerProcess
 sys.path.insert(0, str(MODEL_DIRS))
 from model_dirs import TASK, write_model_dir
 
+from model.policy import ChunkPolicy
 from pipelines.cli import main
-from pipelines.evaluate.policy import ChunkPolicy
+from pipelines.data.embodiments import get_adapter
 from pipelines.evaluate.rollout import run_episode
 from services.fleet.fleet import by_version, run_fleet, summarize_robot, table
 from services.fleet.settings import FleetSettings
@@ -131,7 +132,7 @@ def test_the_gate_and_a_fleet_robot_execute_the_same_actions(server, mode):
     process, gRPC to the real server, paced in real time) on variant 0 with the same model and seed execute the same
     action sequence, bit for bit. The robot's deadline is generous, so it never holds (a hold is a command the gate
     never sends)."""
-    gate = run_episode(ChunkPolicy(server.model), TASK, 0, mode=mode, max_steps=24)
+    gate = run_episode(ChunkPolicy.load(server.model, get_adapter), TASK, 0, mode=mode, max_steps=24)
     assert gate.error is None, gate.error
     robot = RobotSettings(endpoint=server.grpc_endpoint, mode=mode, max_steps=24, deadline_ms=120_000,
                           request_timeout_s=120.0)

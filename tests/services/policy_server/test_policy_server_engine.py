@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from conftest import frames, owned, states
 from kserve.errors import InferenceError, InvalidInput
-from model_dirs import write_model_dir
+from model_dirs import load_policy, write_model_dir
 
-from pipelines.evaluate.policy import ChunkPolicy
 from services.policy_server.engine import PolicyEngine, session_seed
 from services.policy_server.models import load_model
 from services.policy_server.settings import ServeSettings
@@ -32,7 +31,7 @@ def test_async_report_before_asking_plans_without_imagining(model_dir, tmp_path)
     """reset -> chunk 0; frames of chunk 0 (nothing executing) -> observe, plan; then no tensors -> imagine chunk 1
     (executing now), plan chunk 2: each equal to the local EpisodePolicy driven that way."""
     engine = _engine(model_dir, tmp_path, "engine-async")
-    local = ChunkPolicy(model_dir)
+    local = load_policy(model_dir)
     ep = local.episode(TASK, seed=session_seed("late"))
     try:
         f0, s0, f1, s1 = frames(1, 0), states(1, 0), frames(8, 1), states(8, 1)

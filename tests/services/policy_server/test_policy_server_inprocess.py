@@ -13,8 +13,8 @@ import torch
 from conftest import frames, states
 from model_dirs import write_model_dir
 
+from model.policy import ChunkPolicy, Plan
 from pipelines.data.embodiments import METAWORLD_CAMERAS, get_adapter
-from pipelines.evaluate.policy import ChunkPolicy, Plan
 from services.policy_server.inprocess import InProcessClient
 from services.protocol import StepRequest
 from services.robot_client.client import Cancelled, NonFiniteChunk, RequestRejected, SessionLost, VersionUnavailable
@@ -24,7 +24,7 @@ TASK = "reach-v3"
 
 @pytest.fixture(scope="module")
 def policy(model_dir) -> ChunkPolicy:
-    return ChunkPolicy(model_dir)
+    return ChunkPolicy.load(model_dir, get_adapter)
 
 
 def test_chunks_are_the_seeded_episode_policys_in_fp32(policy):
@@ -61,7 +61,7 @@ def test_refusals_are_the_errors_a_remote_robot_gets(policy, tmp_path):
             client.step(StepRequest("i", instruction="push-v3", **reset))
         with pytest.raises(RequestRejected, match="seed must be an integer"):
             client.step(StepRequest("n", seed=-1, **reset))
-    nan_policy = ChunkPolicy(write_model_dir(tmp_path / "nan", nan=True))
+    nan_policy = ChunkPolicy.load(write_model_dir(tmp_path / "nan", nan=True), get_adapter)
     with contextlib.closing(InProcessClient.serving(nan_policy)) as client, \
             pytest.raises(NonFiniteChunk, match="non-finite actions"):
         client.step(StepRequest("n", **reset))
@@ -85,6 +85,9 @@ class _BlockingPolicy:
     def plan(self) -> Plan:
         self.release.wait(60)
         return Plan(np.zeros((8, 30)), torch.zeros(0), torch.zeros(8, 30))
+
+    def native_actions(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
+        return np.zeros((len(unified), 4), np.float32)
 
 
 def test_cancel_ends_the_wait_for_a_request_in_flight():

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 from conftest import STATE, PolicyServer, frames, states
+from model_dirs import load_policy
 
-from pipelines.evaluate.policy import ChunkPolicy
 from services.policy_server.batcher import Batcher
 from services.policy_server.models import ModelHandle
 from services.policy_server.sessions import Session, SessionStore
@@ -114,7 +114,7 @@ def test_no_batching_runs_one_request_per_batch(small_server):
 
 @pytest.fixture(scope="module")
 def handle(model_dir) -> ModelHandle:
-    return ModelHandle(ChunkPolicy(model_dir), "test/1", model_dir)
+    return ModelHandle(load_policy(model_dir), "test/1", model_dir)
 
 
 def _session(handle: ModelHandle, sid: str, seed: int) -> Session:

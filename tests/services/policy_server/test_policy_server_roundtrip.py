@@ -12,8 +12,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import frames, free_port, states
+from model_dirs import load_policy
 
-from pipelines.evaluate.policy import ChunkPolicy
+from model.policy import ChunkPolicy
 from services.policy_server.engine import session_seed
 from services.protocol import DEFAULT_MODEL_NAME, StepRequest, StepResponse
 
@@ -23,7 +24,7 @@ TASK = "reach-v3"
 @pytest.fixture(scope="module")
 def local(model_dir) -> ChunkPolicy:
     """The reference: the same model directory as a local ChunkPolicy."""
-    return ChunkPolicy(model_dir)
+    return load_policy(model_dir)
 
 
 def check(resp: StepResponse, plan, state: np.ndarray, chunk: int, local: ChunkPolicy, session_id: str) -> None:

@@ -1,15 +1,15 @@
-"""A model directory as a closed-loop policy: camera frames -> VAE latents -> KV-cache session -> native actions.
+"""A policy bundle as a closed-loop policy: camera frames -> VAE latents -> KV-cache session -> native actions.
 
-Everything comes from the model directory written by training (``save_pretrained`` + ``encoder_files``): weights,
-the VAE the training latents came from (``vae/``), the tasks' instruction embeddings, the action normalisation and
-the embodiment. Nothing else is loaded, so what is evaluated is what gets served.
+Everything comes from the bundle (``model.bundle.PolicyBundle``): weights, the VAE the training latents came from,
+the tasks' instruction embeddings, the action normalisation and the action space. The embodiment's adapter (unified
+targets <-> the robot's native commands, ``pipelines.data.embodiments``) is handed in, so the gate, the policy server
+and the MLflow pyfunc run this one policy:
 
-One ``EpisodePolicy`` per episode follows Algorithm 1 (sync) or Algorithm 2 (async) of the paper:
-
+    policy = ChunkPolicy.load(model_dir, get_adapter)   # or ChunkPolicy(bundle, adapter)
     ep = policy.episode("reach-v3", seed=0)
     ep.start(frames0)                      # first observation (V, H, W, 3) uint8
     plan = ep.plan()                       # Plan: unified actions (K*tau, 30) in native units + imagined latents
-    ...execute plan.actions...             # sync: the robot waits for plan(); async: it runs while the next is planned
+    ...execute policy.native_actions(plan.actions, state)...  # sync: the robot waits for plan(); async: it runs
     ep.imagine(plan)                       # async only: FDM pass, provisional frames for the chunk being executed
     next_plan = ep.plan()                  # async: conditioned on the imagined outcome
     ep.observe(frames, executed_unified)   # real frames + executed actions replace the provisional entries
@@ -18,23 +18,43 @@ One endpoint serving many robots batches their model passes (one per denoising s
 
     plans = policy.plan_many(episodes)                        # == [ep.plan() for ep in episodes]
     plans = policy.imagine_and_plan_many(episodes, plans)     # == ep.imagine(p); ep.plan() for each episode
+
+Shapes: N actions of a chunk (K*tau), V views, A the embodiment's native action width, S its state width.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from model.encoders import VideoVAE
-from model.lingbot_va import LingBotVA
+from model.bundle import PolicyBundle
 from model.session import imagine_many, predict_chunks
-from pipelines.data.embodiments import get_adapter
-from pipelines.train.registry import _mask_from_action_space, parse_normalization
-from pipelines.train.tracking import TEXT_FILE, VAE_DIR
+
+SAMPLER_SETTINGS = frozenset({"video_cfg", "video_steps", "video_s_end", "action_steps", "action_cfg",
+                              "action_temperature", "window_chunks"})
+"""``Session`` overrides of the model config's inference settings a policy takes (for A/B runs)."""
+
+
+class ActionAdapter(Protocol):
+    """What a policy needs of an embodiment adapter (``pipelines.data.embodiments.EmbodimentAdapter``)."""
+
+    spec: Any  # the embodiment's description: native_action_dim, state_dim, control_rate_hz, limits
+
+    @property
+    def name(self) -> str: ...
+
+    def to_native(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """Unified targets (N, 30) with the state (N, S) before each -> native commands (N, A) within the limits."""
+        ...
+
+    def to_unified(self, actions: np.ndarray, state: np.ndarray) -> np.ndarray:
+        """Native commands (N, A) with the state (N, S) before each -> unified targets (N, 30)."""
+        ...
 
 
 @dataclass
@@ -47,49 +67,38 @@ class Plan:
 
 
 class ChunkPolicy:
-    """Loads a model directory once; hands out one ``EpisodePolicy`` per episode."""
+    """One loaded bundle driving one embodiment; hands out one ``EpisodePolicy`` per episode."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", chunk_size: int | None = None,
+    def __init__(self, bundle: PolicyBundle, adapter: ActionAdapter, *, chunk_size: int | None = None,
                  sampler: dict | None = None):
-        """``sampler``: ``Session`` overrides of the model config's inference settings (``video_cfg``,
-        ``video_steps``, ``video_s_end``, ``action_steps``, ``action_cfg``, ``action_temperature``, ``window_chunks``), for
-        A/B runs."""
-        model_dir = Path(model_dir)
-        allowed = {"video_cfg", "video_steps", "video_s_end", "action_steps", "action_cfg", "action_temperature",
-                   "window_chunks"}
-        if sampler and set(sampler) - allowed:
-            raise ValueError(f"unknown sampler settings {sorted(set(sampler) - allowed)}; choose from {sorted(allowed)}")
-        self.sampler = dict(sampler or {})
-        self.model = LingBotVA.from_pretrained(model_dir, map_location=device).eval()
-        meta = self.model.checkpoint_meta
-        space = meta.get("action_space") or {}
-        if not (model_dir / VAE_DIR).is_dir() or not (model_dir / TEXT_FILE).is_file():
-            raise ValueError(f"{model_dir} has no {VAE_DIR}/ or {TEXT_FILE}: it was written by an older trainer; "
-                             "retrain or post-train it to get a self-contained model directory")
-        self.vae = VideoVAE.from_pretrained(model_dir / VAE_DIR).to(device)
-        self.text = load_file(str(model_dir / TEXT_FILE))
-        embodiments = space.get("embodiments") or []
-        if len(embodiments) != 1:
-            raise ValueError(f"{model_dir} covers embodiments {embodiments}; closed-loop evaluation needs exactly one")
-        self.adapter = get_adapter(embodiments[0])
-        stats = parse_normalization(meta.get("normalization"))
-        if not stats:
-            raise ValueError(f"{model_dir} has no action normalisation stats")
-        self.normalizer, stats_mask = stats.get(embodiments[0]) or next(iter(stats.values()))
-        mask = stats_mask if stats_mask is not None else _mask_from_action_space(space)
-        self.action_mask = np.asarray(mask if mask is not None else self.adapter.mask, bool)
-        obs = space.get("observation") or {}
-        self.cameras = tuple(obs.get("cameras") or self.adapter.spec.camera_keys)
-        hw = obs.get("latent_hw")
-        sc = self.vae.spatial_compression
-        self.image_size = int(hw[0] * sc) if hw else None  # square views, side by side in the latent
+        """``sampler``: ``Session`` overrides of the model config's inference settings (``SAMPLER_SETTINGS``)."""
+        self.sampler = _sampler(sampler)
+        if adapter.name != bundle.embodiment:
+            raise ValueError(f"adapter {adapter.name!r} given for a bundle of embodiment {bundle.embodiment!r}")
+        self.bundle, self.adapter = bundle, adapter
+        self.model = bundle.model.eval()
+        self.vae, self.text = bundle.vae, bundle.text
+        norm = bundle.normalization[bundle.embodiment]
+        self.normalizer, self.action_mask = norm.normalizer, norm.action_mask
+        self.cameras = bundle.action_space.cameras
+        self.image_size = bundle.image_size
         self.chunk_size = chunk_size or self.model.config.chunk_size
         self.tau = self.model.config.tau
-        self.device = device
+        self.device = next(self.model.parameters()).device
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, adapter_for: Callable[[str], ActionAdapter], *,
+             device: str | torch.device = "cpu", chunk_size: int | None = None,
+             sampler: dict | None = None) -> ChunkPolicy:
+        """The bundle in ``model_dir`` on ``device``, with ``adapter_for(embodiment)`` as its adapter
+        (``pipelines.data.embodiments.get_adapter``)."""
+        _sampler(sampler)  # a typo fails before the slow load
+        bundle = PolicyBundle.load(model_dir, device=device)
+        return cls(bundle, adapter_for(bundle.embodiment), chunk_size=chunk_size, sampler=sampler)
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(self.text)
+        return self.bundle.tasks
 
     @property
     def steps_per_chunk(self) -> int:
@@ -98,14 +107,26 @@ class ChunkPolicy:
     def native_actions(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
         """A plan's unified actions (N, 30), native units, as the robot's commands (N, A) against its state (S,)
         at planning time, clipped to the embodiment's limits: what a robot executes."""
-        unified = np.asarray(unified, np.float64)
         states = np.repeat(np.asarray(state, np.float64).reshape(1, -1), len(unified), axis=0)
-        return self.adapter.clip_actions(self.adapter.to_native(unified, states)).astype(np.float32)
+        return self.adapter.to_native(np.asarray(unified, np.float64), states).astype(np.float32)
 
     def episode(self, task: str, seed: int) -> EpisodePolicy:
         if task not in self.text:
             raise ValueError(f"the model has no instruction embedding for task {task!r}; it knows {self.tasks}")
         return EpisodePolicy(self, task, seed)
+
+    def first_chunks(self, frames: np.ndarray, states: np.ndarray, tasks: Sequence[str],
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk 0 of a new episode per robot, batched: first frames (R, V, H, W, 3) uint8, states (R, S) and tasks
+        -> (unified (R, N, 30), native (R, N, A)) float32. Non-finite actions raise ValueError."""
+        episodes = [self.episode(task, seed=seed) for task in tasks]
+        for episode, first in zip(episodes, frames, strict=True):
+            episode.start(first)
+        plans = self.plan_many(episodes)
+        if not all(np.isfinite(plan.actions).all() for plan in plans):
+            raise ValueError("the model produced non-finite actions")
+        native = [self.native_actions(plan.actions, state) for plan, state in zip(plans, states, strict=True)]
+        return np.stack([plan.actions.astype(np.float32) for plan in plans]), np.stack(native)
 
     def plan_many(self, episodes: list[EpisodePolicy]) -> list[Plan]:
         """``[ep.plan() for ep in episodes]`` with the episodes' model passes batched across robots."""
@@ -173,3 +194,13 @@ class EpisodePolicy:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Imagined latents (K, C, h, w) -> uint8 frames (T, H, V*W, 3) for rollout videos."""
         return self.p.vae.decode(latents[None].to(self.p.device))[0, :, 0].cpu().numpy()
+
+
+def _sampler(sampler: dict | None) -> dict:
+    unknown = sorted(set(sampler or {}) - SAMPLER_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown sampler settings {unknown}; choose from {sorted(SAMPLER_SETTINGS)}")
+    return dict(sampler or {})
+
+
+__all__ = ["SAMPLER_SETTINGS", "ActionAdapter", "ChunkPolicy", "EpisodePolicy", "Plan"]
