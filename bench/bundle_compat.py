@@ -119,7 +119,7 @@ def compare(dirs: list[Path], old: Path, new: Path) -> list[dict]:
                 row[side] = str(z["error"])
         if "old_error" not in row and "new_error" not in row:
             row["equal"] = all(np.array_equal(a[k], b[k], equal_nan=True) for k in ARRAYS)
-            row["max_abs_diff"] = max(float(np.nanmax(np.abs(a[k] - b[k]))) for k in ARRAYS)
+            row["max_abs_diff"] = max(float(np.nanmax(np.abs(a[k] - b[k]), initial=0.0)) for k in ARRAYS)
             row["config_round_trip"] = bool(b["config_round_trip"])
             row["config_bytes_equal"] = bool(b["config_bytes_equal"])
         rows.append(row)
