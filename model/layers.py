@@ -8,6 +8,7 @@ scale_shift_table) so the weight adapter stays a short table.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,28 +35,32 @@ def timestep_sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """sinusoid -> linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding)."""
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, freq_dim: int, dim: int):
+
+class MLP(nn.Module):
+    """Linear -> activation -> Linear, the network's one two-layer perceptron. ``names``: the two layers' attribute
+    names as the checkpoint this module loads from spells them (its state-dict keys).
+
+    Uses: the paper's action encoder phi and decoder (hidden 256, SiLU), a block's feed-forward (GELU(tanh)), and,
+    named ``linear_1``/``linear_2`` as diffusers names them, the timestep embedder (``TimestepEmbedding``, SiLU) and
+    the text projection (``PixArtAlphaTextProjection``, GELU(tanh)).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, activation: Callable[[torch.Tensor], torch.Tensor]
+                 = F.silu, names: tuple[str, str] = ("fc1", "fc2")):
         super().__init__()
-        self.linear_1 = nn.Linear(freq_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.names, self.activation = names, activation
+        setattr(self, names[0], nn.Linear(in_dim, hidden))
+        setattr(self, names[1], nn.Linear(hidden, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        first, second = (getattr(self, name) for name in self.names)
+        return second(self.activation(first(x)))
 
 
-class TextProjection(nn.Module):
-    """linear_1 -> GELU(tanh) -> linear_2 (diffusers' PixArtAlphaTextProjection)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+DIFFUSERS_NAMES = ("linear_1", "linear_2")
 
 
 class TimeConditioning(nn.Module):
@@ -68,7 +73,7 @@ class TimeConditioning(nn.Module):
     def __init__(self, freq_dim: int, dim: int):
         super().__init__()
         self.freq_dim = freq_dim
-        self.time_embedder = TimestepEmbedding(freq_dim, dim)
+        self.time_embedder = MLP(freq_dim, dim, dim, F.silu, DIFFUSERS_NAMES)
         self.time_proj = nn.Linear(dim, 6 * dim)
 
     def forward(self, t_BL: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,18 +151,6 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2).type_as(x))
 
 
-class FeedForward(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class Modulation(nn.Module):
     """A block's learned shift/scale/gate table added to the per-token timestep projection.
 
@@ -185,7 +178,7 @@ class VideoBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.attn2 = Attention(dim, heads, eps)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = FeedForward(dim, ffn_dim)
+        self.ffn = MLP(dim, ffn_dim, dim, gelu_tanh)
         self.modulation = Modulation(dim)
 
     def pre_attention(self, x_BLd: torch.Tensor, proj_BL6d: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple]:
@@ -226,7 +219,7 @@ class ActionBlock(nn.Module):
         self.down = nn.Linear(video_dim, dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = FeedForward(dim, ffn_dim)
+        self.ffn = MLP(dim, ffn_dim, dim, gelu_tanh)
         self.modulation = Modulation(dim)
 
     def pre_attention(self, x_BLd: torch.Tensor, proj_BL6d: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple]:
@@ -267,14 +260,3 @@ class OutputHead(nn.Module):
         h = (self.norm_out(x_BLd.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(x_BLd)
         return self.proj(h)
 
-
-class MLP(nn.Module):
-    """Single-hidden-layer MLP (the paper's action encoder phi and decoder, hidden 256)."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(x)))

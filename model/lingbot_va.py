@@ -31,15 +31,16 @@ from torch import nn
 from model.config import LingBotConfig
 from model.init import init_action_block_from_video, init_action_conditioning_from_video, resample
 from model.layers import (
+    DIFFUSERS_NAMES,
     MLP,
     ActionBlock,
     MoTBlock,
     OutputHead,
     RotaryEmbedding3D,
-    TextProjection,
     TimeConditioning,
     VideoBlock,
     apply_rope,
+    gelu_tanh,
 )
 from model.masks import CLEAN, TokenMeta, allowed, mask_mod
 from model.sequence import build_training_sequence
@@ -121,7 +122,7 @@ class LingBotVA(nn.Module):
         # video stream (names follow diffusers' WanTransformer3DModel where they exist)
         self.patch_embedding = nn.Conv3d(c.latent_channels, c.video_dim, c.patch_size, stride=c.patch_size)
         self.video_time = TimeConditioning(c.freq_dim, c.video_dim)
-        self.text_embedder = TextProjection(c.text_dim, c.video_dim)
+        self.text_embedder = MLP(c.text_dim, c.video_dim, c.video_dim, gelu_tanh, DIFFUSERS_NAMES)
         self.video_out = OutputHead(c.video_dim, nn.Linear(c.video_dim, c.patch_dim), c.eps)
         # action stream
         self.action_in = MLP(2 * c.action_channels, c.action_mlp_hidden, c.action_dim)

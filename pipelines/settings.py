@@ -219,6 +219,11 @@ def settings_from_flags(cls: type[S], args: argparse.Namespace, fields: Iterable
 # The data steps
 
 
+def _data_folder(name: str) -> property:
+    """The read-only property ``<data_dir>/<name>``: one data step's folder."""
+    return property(lambda self: self.data_dir / name, doc=f"``<data_dir>/{name}``")
+
+
 class DataSettings(PlatformSettings):
     """Data steps: collect -> prepare -> encode -> loader."""
 
@@ -237,18 +242,7 @@ class DataSettings(PlatformSettings):
     shard_episodes: int = Field(32, ge=1, description="episodes per latent shard file")
     min_latent_frames: int = Field(2, ge=2, description="episodes with fewer latent frames are quarantined")
 
-    @property
-    def episodes_dir(self) -> Path:
-        return self.data_dir / "episodes"
-
-    @property
-    def prepared_dir(self) -> Path:
-        return self.data_dir / "prepared"
-
-    @property
-    def latents_dir(self) -> Path:
-        return self.data_dir / "latents"
-
-    @property
-    def feast_dir(self) -> Path:
-        return self.data_dir / "feast"
+    episodes_dir = _data_folder("episodes")
+    prepared_dir = _data_folder("prepared")
+    latents_dir = _data_folder("latents")
+    feast_dir = _data_folder("feast")
