@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -372,6 +373,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: proves the benchmark runs (figures invalid)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so every `with ServerProcess(...)` stops its server: no orphan left serving
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.sessions, args.session_steps, args.episodes, args.max_steps = 2, 10, 1, 48
         args.max_robots, args.fleet_max_steps, args.rate_factors = 2, 48, "1"

@@ -14,6 +14,8 @@
 # posttrain@<task> DVC stages (params.yaml).
 # Usage: bench/train_variants.sh [variant ...] -- [task ...]   (default: all variants, all MT10 tasks)
 # Registered as lingbot-va-<task>[-reactive][-demos10], so they never take the deployed model's alias.
+# Learning curves (bench/learning_curve.py): STEPS=480 SNAPSHOT_EVERY=120 RUN_SUFFIX=-curve480 bench/train_variants.sh
+#   demos10 -- door-open-v3  trains data/runs/posttrain-door-open-v3-demos10-curve480 with a snapshot every 120 steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions"
@@ -28,6 +30,9 @@ tasks=("$@")
 [[ ${#variants[@]} -eq 0 ]] && variants=(reactive demos10 reactive-demos10 fdm)
 mapfile -t mt10 < <(python -c "import yaml; print(*yaml.safe_load(open('params.yaml'))['posttrain']['tasks'], sep='\n')")
 [[ ${#tasks[@]} -eq 0 ]] && tasks=("${mt10[@]}")
+steps=${STEPS:-$steps}
+snapshots=()
+[[ -n ${SNAPSHOT_EVERY:-} ]] && snapshots=(--snapshot-every "$SNAPSHOT_EVERY")
 
 # the held-out pretraining for $1's half (prints its model dir), trained on the other half's tasks when missing
 heldout_init() {
@@ -57,7 +62,7 @@ for task in "${tasks[@]}"; do
       fdm) flags=(--fdm-loss-weight 1.0) ;;
       *) echo "unknown variant $variant (reactive | demos10 | reactive-demos10 | fdm)" >&2; exit 2 ;;
     esac
-    out=data/runs/posttrain-$task-$variant
+    out=data/runs/posttrain-$task-$variant${RUN_SUFFIX:-}
     if [[ -f $out/model/config.json ]]; then echo "skip $out (exists)"; continue; fi
     init=data/runs/pretrain/model
     [[ $variant == *demos10 ]] && init=$(heldout_init "$task")
@@ -65,7 +70,7 @@ for task in "${tasks[@]}"; do
     torchrun --standalone --nproc_per_node "$nproc" -m pipelines.cli train posttrain --task "$task" \
       --init-from "$init" --steps "$steps" --lr "$lr" --warmup-steps "$warmup" --fdm-loss-weight "$fdm" \
       --token-budget "$budget" --rows "$rows" --zero-stage "$zero" --ema-decay "$ema" --data-dir data --run-dir "$out" \
-      "${flags[@]}"
+      "${flags[@]}" "${snapshots[@]}"
     echo "trained $out in $(( $(date +%s) - start )) s"
   done
 done
