@@ -102,6 +102,10 @@ def main() -> None:
                         help="collected demos: the blind-replay baseline replays demo 0 of each task")
     parser.add_argument("--no-blind-replay", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval_mt10.json")
+    parser.add_argument("--demos10-suffix", default="",
+                        help="10-demo runs to evaluate: posttrain-<task>[-reactive]-demos10<SUFFIX> (e.g. "
+                             "--demos10-suffix=-s480 for train_variants.sh's RUN_SUFFIX=-s480); recorded under "
+                             "demos_10.run_suffix")
     parser.add_argument("--only", default="",
                         help="comma-separated parts to (re)run, merged into an existing --out: world_model, baseline, "
                              "demos_10, blind_replay, async_vs_sync (default: all; the other parts are kept as they are)")
@@ -128,7 +132,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     variants = {"world_model": "", "baseline": "-reactive"}
-    low_data = {"world_model": "-demos10", "baseline": "-reactive-demos10"}
+    low_data = {"world_model": f"-demos10{args.demos10_suffix}", "baseline": f"-reactive-demos10{args.demos10_suffix}"}
     plan = [(k, v) for k, v in variants.items() if k in parts]
     plan += [(f"demos_10.{k}", v) for k, v in low_data.items() if "demos_10" in parts]
     for key, suffix in plan:
@@ -146,7 +150,8 @@ def main() -> None:
         if missing:
             entry["status"] = f"no post-trained model for {len(missing)} of {len(tasks)} tasks under {args.runs}"
         if key.startswith("demos_10."):
-            result.setdefault("demos_10", {"demos_per_task": 10})[key.split(".", 1)[1]] = entry
+            low = result.setdefault("demos_10", {"demos_per_task": 10})
+            low[key.split(".", 1)[1]], low["run_suffix"] = entry, args.demos10_suffix
         else:
             result[key] = entry
     if "blind_replay" in parts:

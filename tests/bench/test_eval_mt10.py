@@ -63,3 +63,19 @@ def test_only_merges_the_named_part_and_keeps_the_rest(monkeypatch, tmp_path):
     assert "evaluated_at" in result["demos_10"]["baseline"]
     assert result["world_model_minus_baseline"]["diff"] == pytest.approx(0.05)
     assert result["demos_10"]["world_model_minus_baseline"] is None
+
+
+def test_demos10_suffix_picks_the_suffixed_runs_and_records_it(monkeypatch, tmp_path):
+    # a run named with the suffix exists only for the world model: the baseline's is reported missing, by that name
+    (tmp_path / "posttrain-reach-v3-demos10-s480" / "model").mkdir(parents=True)
+    evaluated = []
+    monkeypatch.setattr(eval_mt10, "run", lambda model_dir, task, **kw: evaluated.append(model_dir) or
+                        {"success_rate": 0.5, "episodes": 20, "progress": 0.5})
+    out = tmp_path / "eval.json"
+    (tmp_path / "posttrain-reach-v3-demos10-s480" / "model" / "config.json").write_text("{}")
+    run_main(monkeypatch, "--only", "demos_10", "--demos10-suffix=-s480", "--out", str(out), "--runs",
+             str(tmp_path), "--tasks", "reach-v3")
+    result = json.loads(out.read_text())["demos_10"]
+    assert evaluated == [tmp_path / "posttrain-reach-v3-demos10-s480" / "model"]
+    assert result["run_suffix"] == "-s480"
+    assert result["baseline"]["missing"] == ["reach-v3"] and result["world_model"]["missing"] == []
