@@ -66,6 +66,13 @@ class Plan:
     normalized: torch.Tensor  # (N, 30) what the model produced, for the FDM pass
 
 
+def native_commands(adapter, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
+    """Unified actions (N, 30) as an embodiment adapter's native commands (N, A) against the state (S,) at planning
+    time, clipped to its limits: what a robot executes (every policy's ``native_actions``)."""
+    states = np.repeat(np.asarray(state, np.float64).reshape(1, -1), len(unified), axis=0)
+    return adapter.to_native(np.asarray(unified, np.float64), states).astype(np.float32)
+
+
 class ChunkPolicy:
     """One loaded bundle driving one embodiment; hands out one ``EpisodePolicy`` per episode."""
 
@@ -107,8 +114,7 @@ class ChunkPolicy:
     def native_actions(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
         """A plan's unified actions (N, 30), native units, as the robot's commands (N, A) against its state (S,)
         at planning time, clipped to the embodiment's limits: what a robot executes."""
-        states = np.repeat(np.asarray(state, np.float64).reshape(1, -1), len(unified), axis=0)
-        return self.adapter.to_native(np.asarray(unified, np.float64), states).astype(np.float32)
+        return native_commands(self.adapter, unified, state)
 
     def episode(self, task: str, seed: int) -> EpisodePolicy:
         if task not in self.text:

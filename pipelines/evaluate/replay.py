@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.policy import Plan
+from model.policy import Plan, native_commands
 from pipelines.data.embodiments import get_adapter
 from pipelines.data.lerobot.format import CAMERA_PREFIX
 from pipelines.data.lerobot.reader import LeRobotDataset
@@ -57,8 +57,7 @@ class ReplayPolicy:
     def native_actions(self, unified: np.ndarray, state: np.ndarray) -> np.ndarray:
         """A plan's unified actions (N, 30) as native commands (N, A) against the state (S,) at planning time, as
         ``ChunkPolicy.native_actions`` (the policy server's engine, which the gate runs in process, calls it)."""
-        states = np.repeat(np.asarray(state, np.float64).reshape(1, -1), len(unified), axis=0)
-        return self.adapter.to_native(np.asarray(unified, np.float64), states).astype(np.float32)
+        return native_commands(self.adapter, unified, state)
 
     def episode(self, task: str, seed: int) -> _ReplayEpisode:
         return _ReplayEpisode(self, self.targets(task))
